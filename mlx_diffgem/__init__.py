@@ -1,0 +1,35 @@
+"""mlx-diffgem: DiffusionGemma on Apple silicon (MLX) and NVIDIA (PyTorch).
+
+The public API is imported lazily so that `import mlx_diffgem` pulls in neither mlx nor
+torch; the backend named in `load` is imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "load": "mlx_diffgem.api",
+    "generate": "mlx_diffgem.api",
+    "stream_generate": "mlx_diffgem.api",
+    "generate_ids": "mlx_diffgem.core.generate",
+    "default_model_path": "mlx_diffgem.api",
+    "to_numpy": "mlx_diffgem.api",
+    "SeededNoise": "mlx_diffgem.core.noise",
+    "ReplayNoise": "mlx_diffgem.core.noise",
+    "GenerationConfig": "mlx_diffgem.core.config",
+    "ModelConfig": "mlx_diffgem.core.config",
+    "Response": "mlx_diffgem.core.stats",
+    "Stats": "mlx_diffgem.core.stats",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'mlx_diffgem' has no attribute {name!r}")

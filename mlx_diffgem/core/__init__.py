@@ -1,0 +1,1 @@
+"""Backend-agnostic core: Python + numpy only (no mlx, no torch imports)."""

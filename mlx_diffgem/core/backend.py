@@ -1,0 +1,178 @@
+"""The Backend protocol (DESIGN §3) and the registry that imports a backend by name.
+
+Token ids cross the boundary as numpy int32 arrays; logits, hidden states and caches
+stay inside the backend. A backend module exposes
+`load(path, *, dtype, quantization, **kw)` returning a `Target`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .config import GenerationConfig, ModelConfig
+from .noise import NoiseSource
+
+BACKENDS = {"mlx": "mlx_diffgem.backend", "torch": "cuda_backend.backend"}
+
+
+@dataclass(frozen=True)
+class DenoisePolicy:
+    """The per-canvas sampler settings (spec §4.3)."""
+
+    max_steps: int = 48
+    t_min: float = 0.4
+    t_max: float = 0.8
+    entropy_bound: float = 0.1
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+
+    @classmethod
+    def from_generation(cls, gen: GenerationConfig) -> DenoisePolicy:
+        return cls(
+            max_steps=gen.max_denoising_steps,
+            t_min=gen.t_min,
+            t_max=gen.t_max,
+            entropy_bound=gen.entropy_bound,
+            stability_threshold=gen.stability_threshold,
+            confidence_threshold=gen.confidence_threshold,
+        )
+
+    def temperature(self, n: int) -> float:
+        """T at countdown step n (N, N-1, ..., 1), in the reference's float32 math."""
+        # cur_step is an int32 tensor there: the ratio and products are float32, and
+        # the Python-float difference t_max - t_min is rounded to float32 once.
+        f = np.float32
+        frac = f(f(n) / f(self.max_steps))
+        return float(f(f(self.t_min) + f(f(self.t_max - self.t_min) * frac)))
+
+
+@dataclass
+class CanvasState:
+    """Where a denoiser starts, and where it left off (so another model can continue).
+
+    canvas: [B, C] ids (backend array or numpy); None draws a fresh uniform canvas.
+    self_conditioning: processed logits of the previous pass, [B, C, V] backend array.
+    history: argmax history for the stability test, backend array [S, B, C] or None.
+    finished: rows already finished before this canvas: computed, but their passes are
+        not counted (reference semantics).
+    draw_initial: draw the initial canvas from the noise source even when `canvas` is
+        given (the reference always draws it, which keeps replayed streams aligned).
+    """
+
+    canvas: Any = None
+    self_conditioning: Any = None
+    history: Any = None
+    finished: np.ndarray | None = None
+    draw_initial: bool = True
+
+
+@dataclass
+class CanvasResult:
+    """What `denoise` returns: one host copy per canvas."""
+
+    tokens: np.ndarray  # [B, C] int32, argmax of the last executed step
+    steps: int  # denoising passes run on this canvas
+    passes: np.ndarray  # [B] passes counted per row (rows stop counting once done)
+    state: CanvasState  # final canvas, processed logits, history
+    step_stats: dict[str, np.ndarray] = field(default_factory=dict)  # per-step arrays
+
+
+@dataclass
+class StepView:
+    """What a per-step observer sees (live draft canvas); only built when requested."""
+
+    step: int
+    argmax: np.ndarray  # [B, C]
+    done: np.ndarray  # [B]
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """A backend's KV cache: prompt + committed canvases, never a canvas in flight."""
+
+    batch_size: int
+    offset: int  # slots processed so far (pads included: positions are slot indices)
+    pending: np.ndarray | None  # last committed canvas, encoded at the next call
+
+
+@runtime_checkable
+class Target(Protocol):
+    """A loaded model on one backend."""
+
+    config: ModelConfig
+    generation_config: GenerationConfig
+    backend: str
+
+    def new_cache(self, batch_size: int) -> Cache: ...
+
+    def encode(
+        self, ids: np.ndarray, cache: Cache, attention_mask: np.ndarray | None = None
+    ) -> None: ...
+
+    def decode(
+        self, canvas_ids: Any, cache: Cache, self_conditioning: Any = None
+    ) -> Any: ...
+
+    def denoise(
+        self,
+        state: CanvasState,
+        cache: Cache,
+        policy: DenoisePolicy,
+        noise: NoiseSource,
+        on_step: Any = None,
+    ) -> CanvasResult: ...
+
+    def denoise_steps(
+        self,
+        state: CanvasState,
+        cache: Cache,
+        policy: DenoisePolicy,
+        noise: NoiseSource,
+    ) -> Generator[StepView, None, CanvasResult]:
+        """`denoise` as a generator: yields a StepView per step, returns the result."""
+        ...
+
+    def sync(self) -> None: ...
+
+    def peak_memory(self) -> int: ...
+
+
+def get_backend(name: str) -> Any:
+    """Import a backend module by name ('mlx' or 'torch')."""
+    if name not in BACKENDS:
+        raise ValueError(
+            f"backend: unknown backend {name!r}; expected one of {sorted(BACKENDS)}"
+        )
+    module = BACKENDS[name]
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        extra = {"mlx": "mlx (macOS) or cpu (Linux)", "torch": "torch"}[name]
+        raise ImportError(
+            f"backend {name!r} needs {e.name}: pip install 'mlx-diffgem[{extra}]'"
+        ) from e
+
+
+def check_ids(ids: Any, vocab_size: int, name: str = "input_ids") -> np.ndarray:
+    """Validate token ids at the boundary: 2-D, integer, non-empty, inside the vocab."""
+    arr = np.asarray(ids)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected shape (batch, length), got {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name}: expected integer token ids, got dtype {arr.dtype}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name}: empty prompt; expected at least one token")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})"
+        )
+    return arr.astype(np.int32)

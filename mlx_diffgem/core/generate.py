@@ -1,0 +1,233 @@
+"""The block generation loop, once, over the Backend protocol (spec §4.2).
+
+Per call:
+1. Prefill: encode the pending canvas of a kept cache plus the prompt, in chunks.
+2. For each canvas (whole canvases covering max_new_tokens):
+   a. encode the canvas committed last (never the last one: it stays `cache.pending`);
+   b. denoise a fresh canvas on the device (`Target.denoise`);
+   c. commit the argmax; rows that emit EOS or cross max_length finish; tokens after
+      the first EOS, and whole canvases of rows finished earlier, become pad.
+3. Stop when every row has finished or the canvases run out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import (
+    CanvasResult,
+    CanvasState,
+    DenoisePolicy,
+    StepView,
+    Target,
+    check_ids,
+)
+from .config import GenerationConfig
+from .noise import NoiseSource, make_noise
+from .stats import Stats
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class CanvasEvent:
+    """A committed canvas: `tokens` after EOS -> pad, `finished` rows after it."""
+
+    index: int
+    tokens: np.ndarray  # [B, C] int32
+    finished: np.ndarray  # [B] bool
+    result: CanvasResult
+
+
+def generation_config(target: Target, overrides: dict[str, Any]) -> GenerationConfig:
+    """The model's generation config with call overrides (AR-only keys raise)."""
+    return target.generation_config.update(source="generate", **overrides)
+
+
+def prefill(
+    target: Target,
+    ids: np.ndarray,
+    cache: Any,
+    attention_mask: np.ndarray | None = None,
+    chunk: int = PREFILL_CHUNK,
+) -> None:
+    """Encode `ids` into `cache` in chunks so that peak memory stays bounded."""
+    if chunk <= 0:
+        raise ValueError(f"prefill_chunk: expected a positive integer, got {chunk}")
+    for s in range(0, ids.shape[1], chunk):
+        mask = None if attention_mask is None else attention_mask[:, s : s + chunk]
+        target.encode(ids[:, s : s + chunk], cache, mask)
+
+
+def _check_mask(mask: Any, ids: np.ndarray) -> np.ndarray | None:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask: expected shape {ids.shape} (one entry per prompt token), "
+            f"got {mask.shape}"
+        )
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask: expected 0 (pad) / 1 (token) entries")
+    return mask.astype(np.int32)
+
+
+def _finish(
+    tokens: np.ndarray, finished: np.ndarray, now: np.ndarray, gen: GenerationConfig
+) -> np.ndarray:
+    """EOS -> pad on a committed canvas, as the reference's finalize step."""
+    if gen.pad_token_id is None or not (finished | now).any():
+        return tokens
+    tokens = tokens.copy()
+    tokens[finished] = gen.pad_token_id  # rows that finished on an earlier canvas
+    if gen.eos_token_id and now.any():
+        is_eos = np.isin(tokens, gen.eos_token_id)
+        cs = np.cumsum(is_eos, axis=1)
+        tokens[(cs > 0) & ~((cs == 1) & is_eos)] = gen.pad_token_id
+    return tokens
+
+
+def generate_canvases(
+    target: Target,
+    prompt_ids: np.ndarray,
+    *,
+    gen: GenerationConfig,
+    noise: NoiseSource,
+    stats: Stats,
+    cache: Any = None,
+    attention_mask: np.ndarray | None = None,
+    first_canvas: np.ndarray | None = None,
+    drafts: bool = False,
+    prefill_chunk: int = PREFILL_CHUNK,
+) -> Iterator[CanvasEvent | StepView]:
+    """Run the block loop; yields one CanvasEvent per committed canvas and, with
+    `drafts`, a StepView (live argmax canvas) after every denoising step."""
+    B, C = prompt_ids.shape[0], target.config.canvas_length
+    cache = target.new_cache(B) if cache is None else cache
+    if cache.batch_size != B:
+        raise ValueError(
+            f"cache: built for batch {cache.batch_size}, prompt has batch {B}"
+        )
+    ids, mask = prompt_ids, attention_mask
+    if cache.pending is not None:  # the last canvas of the previous call (multi-turn)
+        ids = np.concatenate([cache.pending, ids], axis=1)
+        if mask is not None:
+            mask = np.concatenate([np.ones_like(cache.pending), mask], axis=1)
+        cache.pending = None
+    out_len = prompt_ids.shape[1]
+    n_canvases = gen.num_canvases(C, cache.offset + ids.shape[1])
+    policy = DenoisePolicy.from_generation(gen)
+
+    # 1. prefill
+    t0 = time.perf_counter()
+    prefill(target, ids, cache, mask, prefill_chunk)
+    target.sync()
+    stats.prompt_tokens += int(ids.size if mask is None else mask.sum())
+    stats.prompt_time += time.perf_counter() - t0
+
+    # 2. canvases
+    t0 = time.perf_counter()
+    finished = np.zeros(B, bool)
+    committed = None
+    for k in range(n_canvases):
+        if committed is not None:  # 2a
+            target.encode(committed, cache)
+        state = CanvasState(
+            canvas=first_canvas if k == 0 else None, finished=finished.copy()
+        )
+        if drafts:  # 2b
+            res = yield from target.denoise_steps(state, cache, policy, noise)
+        else:
+            res = target.denoise(state, cache, policy, noise)
+        out_len += C  # 2c
+        now = np.zeros(B, bool)
+        if gen.max_length is not None:
+            now |= out_len >= gen.max_length
+        if gen.eos_token_id:
+            now |= np.isin(res.tokens, gen.eos_token_id).any(axis=1)
+        committed = _finish(res.tokens, finished, now, gen)
+        finished = finished | now
+        _count(stats, committed, res, gen)
+        stats.generation_time = time.perf_counter() - t0
+        stats.peak_memory = max(stats.peak_memory, target.peak_memory())
+        yield CanvasEvent(k, committed, finished.copy(), res)
+        if finished.all():  # 3
+            break
+    stats.finish_reason = "stop" if finished.all() else "length"
+    cache.pending = committed
+
+
+def _count(
+    stats: Stats, tokens: np.ndarray, res: CanvasResult, gen: GenerationConfig
+) -> None:
+    stats.canvases += 1
+    stats.target_passes += res.steps
+    stats.row_passes += int(res.passes.sum())
+    stats.steps_per_canvas.append(res.steps)
+    real = tokens if gen.pad_token_id is None else tokens[tokens != gen.pad_token_id]
+    stats.generated_tokens += int(real.size)
+
+
+def generate_ids(
+    model: Target,
+    prompt_ids: Any,
+    attention_mask: Any = None,
+    noise: NoiseSource | None = None,
+    seed: int | None = None,
+    *,
+    cache: Any = None,
+    decoder_input_ids: Any = None,
+    prefill_chunk: int = PREFILL_CHUNK,
+    **generation_overrides: Any,
+) -> tuple[np.ndarray, Stats]:
+    """Generate whole canvases from token ids; the reference's `sequences` semantics.
+
+    Args:
+        model: a loaded Target (any backend).
+        prompt_ids: [B, P] (or [P]) int token ids; rows may be left padded.
+        attention_mask: [B, P], 1 for tokens and 0 for left padding.
+        noise: a NoiseSource (e.g. ReplayNoise of draws recorded from transformers).
+        seed: seed of the default on-device noise (when `noise` is None).
+        cache: a cache from `model.new_cache(B)` to keep across calls (multi-turn); the
+            last canvas committed by the previous call is encoded first.
+        decoder_input_ids: [B, C] starting canvas of the first canvas (warm start).
+        **generation_overrides: GenerationConfig fields (max_new_tokens,
+            max_denoising_steps, t_min, ...). Autoregressive-only options raise.
+
+    Returns:
+        (sequences [B, P + k*C] int32, Stats)
+    """
+    gen = generation_config(model, generation_overrides)
+    ids = check_ids(prompt_ids, model.config.vocab_size)
+    mask = _check_mask(attention_mask, ids)
+    first = None
+    if decoder_input_ids is not None:
+        first = check_ids(
+            decoder_input_ids, model.config.vocab_size, "decoder_input_ids"
+        )
+        if first.shape != (ids.shape[0], model.config.canvas_length):
+            raise ValueError(
+                "decoder_input_ids: expected shape "
+                f"{(ids.shape[0], model.config.canvas_length)}"
+                f", got {first.shape}"
+            )
+    stats = Stats()
+    events = generate_canvases(
+        model,
+        ids,
+        gen=gen,
+        noise=make_noise(noise, seed),
+        stats=stats,
+        cache=cache,
+        attention_mask=mask,
+        first_canvas=first,
+        prefill_chunk=prefill_chunk,
+    )
+    canvases = [e.tokens for e in events]
+    return np.concatenate([ids, *canvases], axis=1), stats

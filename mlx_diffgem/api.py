@@ -1,0 +1,197 @@
+"""The public Python API: load, generate, stream_generate (names follow mlx-lm)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .core.backend import StepView, Target, check_ids, get_backend
+from .core.generate import CanvasEvent, generate_canvases, generation_config
+from .core.noise import NoiseSource, make_noise
+from .core.stats import Response, Stats
+from .core.tokenizer import (
+    StreamingDetokenizer,
+    Tokenizer,
+    format_prompt,
+    load_tokenizer,
+)
+
+DEFAULT_CACHE = Path(
+    os.environ.get("DIFFGEM_HOME", Path.home() / ".cache" / "mlx_diffgem")
+)
+
+
+def default_model_path() -> Path:
+    """The default model's folder.
+
+    Until the embedded trained model ships, this is a tiny random-weight checkpoint that
+    the package builds on first use (so its text is noise): see README.
+    """
+    from .core.tiny import build_tiny_default
+
+    return build_tiny_default(DEFAULT_CACHE / "tiny-random")
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    backend: str = "mlx",
+    drafter: str | None = None,
+    dtype: str | None = None,
+    quantization: dict | str | None = None,
+    **backend_options: Any,
+) -> tuple[Target, Tokenizer | None]:
+    """Load a model and its tokenizer (None when the folder has no tokenizer files).
+
+    Args:
+        path: a local folder or a Hugging Face repo id; None loads the default model.
+        backend: "mlx" or "torch".
+        drafter: speculative drafter (not available yet: raises).
+        dtype: "float32", "bfloat16" or "float16" (default: bf16 on GPU, fp32 on CPU).
+        quantization: quantize on load, e.g. {"bits": 4, "group_size": 64} or "mixed".
+        **backend_options: e.g. device="cuda" for the torch backend.
+    """
+    if drafter is not None:
+        raise ValueError(
+            f"drafter: {drafter!r} is not available yet (speculative decoding)"
+        )
+    path = default_model_path() if path is None else path
+    module = get_backend(backend)
+    model = module.load(path, dtype=dtype, quantization=quantization, **backend_options)
+    return model, load_tokenizer(model.path)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A backend array (mlx or torch) as numpy."""
+    if hasattr(x, "detach"):  # torch.Tensor
+        return (
+            x.detach().float().cpu().numpy()
+            if x.is_floating_point()
+            else x.cpu().numpy()
+        )
+    return np.array(x)
+
+
+def _prompt_ids(
+    tokenizer: Tokenizer | None, prompt: Any, chat: bool | None
+) -> np.ndarray:
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
+    ):
+        if tokenizer is None:
+            raise ValueError(
+                "prompt: text needs a tokenizer; this model has none, pass ids"
+            )
+        return np.asarray([format_prompt(tokenizer, prompt, chat)], np.int32)
+    return np.asarray(prompt, np.int32).reshape(1, -1)
+
+
+def _max_tokens(max_tokens: int | None, overrides: dict[str, Any]) -> None:
+    if max_tokens is None:
+        return
+    if (
+        isinstance(max_tokens, bool)
+        or not isinstance(max_tokens, int)
+        or max_tokens <= 0
+    ):
+        raise ValueError(f"max_tokens: expected a positive integer, got {max_tokens!r}")
+    overrides["max_new_tokens"] = max_tokens
+
+
+def stream_generate(
+    model: Target,
+    tokenizer: Tokenizer | None,
+    prompt: str | list[dict] | list[int],
+    *,
+    max_tokens: int | None = None,
+    seed: int | None = None,
+    noise: NoiseSource | None = None,
+    draft: bool = False,
+    chat: bool | None = None,
+    cache: Any = None,
+    **generation_overrides: Any,
+) -> Iterator[Response]:
+    """Generate for one prompt, yielding the committed text of each canvas.
+
+    Args:
+        prompt: text, chat messages ([{"role", "content"}]) or token ids.
+        max_tokens: new tokens wanted (rounded up to whole canvases).
+        seed / noise: randomness (see generate_ids).
+        draft: also yield a Response after every denoising step with the live canvas
+            in `draft` (costs one host copy per step).
+        chat: apply the chat template to a text prompt (default: only for messages).
+        cache: a `model.new_cache(1)` kept across calls (multi-turn).
+        **generation_overrides: GenerationConfig fields; autoregressive options raise.
+    Yields:
+        Response objects; the last one has `finished=True` and the final stats.
+    """
+    _max_tokens(max_tokens, generation_overrides)
+    gen = generation_config(model, generation_overrides)
+    ids = check_ids(_prompt_ids(tokenizer, prompt, chat), model.config.vocab_size)
+    stats = Stats()
+    detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
+    events = generate_canvases(
+        model,
+        ids,
+        gen=gen,
+        noise=make_noise(noise, seed),
+        stats=stats,
+        cache=cache,
+        drafts=draft,
+    )
+    last: Response | None = None
+    for ev in events:
+        if isinstance(ev, StepView):
+            text = (
+                tokenizer.decode(ev.argmax[0].tolist())
+                if tokenizer is not None
+                else None
+            )
+            yield Response("", ev.argmax[0], stats, stats.canvases, ev.step, text)
+            continue
+        if last is not None:
+            yield last
+        last = _canvas_response(ev, detok, gen.pad_token_id, stats)
+    if last is not None:
+        tail = detok.finalize() if detok is not None else ""
+        last.text += tail
+        last.finished, last.finish_reason = True, stats.finish_reason
+        yield last
+
+
+def _canvas_response(
+    ev: CanvasEvent, detok: StreamingDetokenizer | None, pad: int | None, stats: Stats
+) -> Response:
+    row = ev.tokens[0]
+    real = row[row != pad] if pad is not None else row
+    text = ""
+    if detok is not None:
+        detok.add_tokens(real.tolist())
+        text = detok.last_segment
+    return Response(text, real, stats, ev.index)
+
+
+def generate(
+    model: Target,
+    tokenizer: Tokenizer | None,
+    prompt: str | list[dict] | list[int],
+    *,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """Generate and return the text (see stream_generate for the options)."""
+    if kwargs.get("draft"):
+        raise ValueError("draft: only stream_generate yields live drafts")
+    text, stats = [], None
+    for r in stream_generate(model, tokenizer, prompt, **kwargs):
+        text.append(r.text)
+        stats = r.stats
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose and stats is not None:
+        print("\n" + stats.summary())
+    return "".join(text)

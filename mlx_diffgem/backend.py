@@ -1,0 +1,155 @@
+"""The MLX backend: loads a checkpoint, implements the Backend protocol (DESIGN §3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlx_diffgem._blas import import_mlx
+from mlx_diffgem.core import checkpoint
+from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy, check_ids
+from mlx_diffgem.core.config import GenerationConfig, ModelConfig
+from mlx_diffgem.core.errors import CheckpointError
+from mlx_diffgem.core.noise import NoiseSource
+
+from . import canvas as _canvas
+from .cache import make_cache
+from .model import Model
+
+mx = import_mlx()
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def default_dtype() -> str:
+    # bf16 on Apple GPUs; float32 on CPU, where bf16 matmuls are slow and gather_mm
+    # refuses bf16.
+    return "bfloat16" if mx.default_device() == mx.gpu else "float32"
+
+
+class MLXTarget:
+    """A DiffusionGemma loaded with MLX."""
+
+    backend = "mlx"
+
+    def __init__(
+        self,
+        model: Model,
+        config: ModelConfig,
+        generation_config: GenerationConfig,
+        path: Path,
+    ):
+        self.model = model
+        self.config = config
+        self.generation_config = generation_config
+        self.path = path
+
+    def new_cache(self, batch_size: int):
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(
+                f"batch_size: expected a positive integer, got {batch_size!r}"
+            )
+        return make_cache(self.model, batch_size)
+
+    def encode(self, ids: Any, cache, attention_mask: Any = None) -> None:
+        """Causal pass over `ids` [B, S] that appends their K/V to `cache`."""
+        ids = check_ids(ids, self.config.vocab_size, "ids")
+        if ids.shape[0] != cache.batch_size:
+            raise ValueError(
+                f"ids: batch {ids.shape[0]} does not match the cache's "
+                f"{cache.batch_size}"
+            )
+        mask = None
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.shape != ids.shape:
+                raise ValueError(
+                    f"attention_mask: expected shape {ids.shape}, got {mask.shape}"
+                )
+            mask = mx.array(mask.astype(bool))
+        self.model.encode(mx.array(ids), cache, attention_mask=mask)
+        mx.eval(
+            cache.state
+        )  # materialize per chunk: bounds the peak of chunked prefill
+
+    def decode(self, canvas_ids: Any, cache, self_conditioning: Any = None) -> mx.array:
+        """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits."""
+        if not isinstance(canvas_ids, mx.array):
+            canvas_ids = mx.array(
+                check_ids(canvas_ids, self.config.vocab_size, "canvas_ids")
+            )
+        return self.model.decode(canvas_ids, cache, self_conditioning)
+
+    def denoise(
+        self,
+        state: CanvasState,
+        cache,
+        policy: DenoisePolicy,
+        noise: NoiseSource,
+        on_step=None,
+    ) -> CanvasResult:
+        return _canvas.denoise(self.model, state, cache, policy, noise, on_step)
+
+    def denoise_steps(
+        self, state: CanvasState, cache, policy: DenoisePolicy, noise: NoiseSource
+    ):
+        """`denoise` as a generator of StepViews (live drafts); returns the result."""
+        return _canvas.denoise_steps(
+            self.model, state, cache, policy, noise, views=True
+        )
+
+    def sync(self) -> None:
+        mx.synchronize()
+
+    def peak_memory(self) -> int:
+        return int(mx.get_peak_memory())
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    return np.array(x)
+
+
+def _load_arrays(files: list[Path]) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # mx.load raises bare RuntimeErrors
+            raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+    return weights
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: str | None = None,
+    quantization: dict | str | None = None,
+    **kwargs: Any,
+) -> MLXTarget:
+    """Load a DiffusionGemma checkpoint (HF layout, or an MLX conversion) with MLX."""
+    if kwargs:
+        raise ValueError(
+            f"load: unexpected argument {sorted(kwargs)[0]!r} for the mlx backend"
+        )
+    dtype = dtype or default_dtype()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    folder = checkpoint.resolve(path)
+    config = checkpoint.load_config(folder)
+    files = checkpoint.weight_files(folder)
+    from . import quantize
+
+    model = Model(config)
+    weights = quantize.prepare(model, config, _load_arrays(files), files[0].name)
+    weights = {
+        k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
+    model.load_weights(list(weights.items()), strict=True)
+    if quantization is not None:
+        quantize.quantize_model(model, config, quantization)
+    mx.eval(model.parameters())
+    gen = checkpoint.load_generation_config(folder)
+    return MLXTarget(model, config, gen, folder)

@@ -1,0 +1,151 @@
+"""Denoise one canvas on the MLX device: the reference's inner loop (spec §4.2).
+
+Per step n = N..1 (n counts down):
+1. decode the canvas with the previous step's processed logits as self-conditioning;
+2. z = logits / T(n); draw the proposal; argmax; entropies;
+3. accept the low-entropy proposals, renoise every other position;
+4. freeze rows that already stopped; stable-and-confident test;
+5. one `mx.eval` of the step's state (the only host sync); stop when all rows are done.
+The torch twin is `cuda_backend/canvas.py`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Generator
+
+import numpy as np
+
+from mlx_diffgem._blas import import_mlx
+from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy, StepView
+from mlx_diffgem.core.noise import NoiseSource
+
+from .sampling import accept_mask, entropy, renoise, sample_tokens, stop_update
+
+mx = import_mlx()
+
+
+def _next_key(noise: NoiseSource) -> mx.array:
+    """Split the device generator kept in `noise.state` (seeded on first use)."""
+    if getattr(noise, "state", None) is None:
+        seed = noise.seed if noise.seed is not None else random.getrandbits(32)
+        noise.state = mx.random.key(seed)
+    noise.state, sub = mx.random.split(noise.state)
+    return sub
+
+
+def draw_uniform(
+    noise: NoiseSource, kind: str, shape: tuple[int, int], vocab: int
+) -> mx.array:
+    """An `initial_canvas` or `renoise` draw: replayed ids, or uniform ids on device."""
+    ids = getattr(noise, kind)(shape, vocab)
+    if ids is not None:
+        return mx.array(ids, dtype=mx.int32)
+    return mx.random.randint(0, vocab, shape, dtype=mx.int32, key=_next_key(noise))
+
+
+def draw_sample(noise: NoiseSource, z: mx.array) -> mx.array:
+    """The `sample` draw: replayed ids, or a categorical draw from softmax(z)."""
+    ids = noise.sample(z.shape[:2])
+    if ids is not None:
+        return mx.array(ids, dtype=mx.int32)
+    return sample_tokens(z, _next_key(noise))
+
+
+def _start(
+    model, state: CanvasState, noise: NoiseSource, shape: tuple[int, int]
+) -> mx.array:
+    # The reference draws the initial canvas even when a starting canvas is given.
+    drawn = None
+    if state.draw_initial or state.canvas is None:
+        drawn = draw_uniform(noise, "initial_canvas", shape, model.config.vocab_size)
+    return drawn if state.canvas is None else mx.array(state.canvas).astype(mx.int32)
+
+
+def denoise(
+    model,
+    state: CanvasState,
+    cache,
+    policy: DenoisePolicy,
+    noise: NoiseSource,
+    on_step: Callable[[StepView], None] | None = None,
+) -> CanvasResult:
+    """Run denoising steps until every row is stable and confident, or N steps."""
+    steps = denoise_steps(model, state, cache, policy, noise, views=on_step is not None)
+    while True:
+        try:
+            view = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        on_step(view)
+
+
+def denoise_steps(
+    model,
+    state: CanvasState,
+    cache,
+    policy: DenoisePolicy,
+    noise: NoiseSource,
+    views: bool = False,
+) -> Generator[StepView, None, CanvasResult]:
+    """`denoise` as a generator: yields the live argmax canvas after each step when
+    `views` (one extra host copy per step) and returns the CanvasResult."""
+    B, C = cache.batch_size, model.config.canvas_length
+    canvas = _start(model, state, noise, (B, C))
+    sc, history, argmax = state.self_conditioning, state.history, canvas
+    finished = mx.array(np.zeros(B, bool) if state.finished is None else state.finished)
+    done = mx.zeros((B,), mx.bool_)
+    passes = mx.zeros((B,), mx.int32)
+    h_mean = mx.zeros((B,), mx.float32)
+    any_done, accepted, entropies, steps = False, [], [], 0
+    for n in range(policy.max_steps, 0, -1):
+        passes = passes + (~(done | finished)).astype(mx.int32)
+        z = model.decode(canvas, cache, sc) / mx.array(
+            policy.temperature(n), mx.float32
+        )  # 1-2
+        draft = draw_sample(noise, z)
+        new_arg = mx.argmax(z, axis=-1).astype(mx.int32)
+        h = entropy(z)
+        keep = accept_mask(h, policy.entropy_bound)  # 3
+        new_canvas = renoise(
+            keep, draft, draw_uniform(noise, "renoise", (B, C), z.shape[-1])
+        )
+        new_h_mean = mx.mean(h, axis=-1)
+        if any_done:  # 4: rows that stopped keep their previous state
+            new_arg = mx.where(done[:, None], argmax, new_arg)
+            new_canvas = mx.where(done[:, None], canvas, new_canvas)
+            z = mx.where(done[:, None, None], sc, z)
+            new_h_mean = mx.where(done, h_mean, new_h_mean)
+        stop, history = stop_update(
+            history,
+            new_arg,
+            new_h_mean,
+            policy.stability_threshold,
+            policy.confidence_threshold,
+        )
+        done = done | stop
+        sc, canvas, argmax, h_mean = (
+            z.astype(model.dtype),
+            new_canvas,
+            new_arg,
+            new_h_mean,
+        )
+        accepted.append(keep.sum(axis=-1))
+        entropies.append(new_h_mean)
+        mx.eval(done, canvas, sc, argmax, history, passes, accepted[-1], h_mean)  # 5
+        steps += 1
+        if views:
+            yield StepView(steps, np.array(argmax), np.array(done))
+        any_done = bool(done.any().item())
+        if any_done and bool(done.all().item()):
+            break
+    return CanvasResult(
+        tokens=np.array(argmax).astype(np.int32),
+        steps=steps,
+        passes=np.array(passes).astype(np.int64),
+        state=CanvasState(canvas, sc, history, state.finished, draw_initial=False),
+        step_stats={
+            "accepted": np.array(mx.stack(accepted, axis=0)),
+            "mean_entropy": np.array(mx.stack(entropies, axis=0)),
+        },
+    )

@@ -1,0 +1,150 @@
+"""The public API and the CLI, end to end on the stand-in default model (MLX)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import needs_mlx
+
+pytestmark = needs_mlx
+
+
+@pytest.fixture(scope="module")
+def default(tmp_path_factory):
+    import mlx_diffgem as dg
+    from mlx_diffgem.core.tiny import build_tiny_default
+
+    path = build_tiny_default(tmp_path_factory.mktemp("home") / "tiny-random")
+    return dg.load(path)
+
+
+def test_generate_text(default):
+    import mlx_diffgem as dg
+
+    model, tok = default
+    text = dg.generate(model, tok, "def f(x):", max_tokens=16, seed=0)
+    assert isinstance(text, str) and len(text) > 0
+    assert text == dg.generate(model, tok, "def f(x):", max_tokens=16, seed=0)
+
+
+def test_stream_generate_with_drafts(default):
+    import mlx_diffgem as dg
+
+    model, tok = default
+    items = list(
+        dg.stream_generate(
+            model, tok, "abc", max_tokens=32, seed=1, draft=True, max_denoising_steps=3
+        )
+    )
+    drafts = [r for r in items if r.is_draft]
+    commits = [r for r in items if not r.is_draft]
+    assert len(commits) == 2 and commits[-1].finished and not commits[0].finished
+    assert len(drafts) == sum(commits[-1].stats.steps_per_canvas)
+    assert all(isinstance(r.draft, str) for r in drafts)
+    d = commits[-1].stats.to_dict()
+    for key in (
+        "canvases",
+        "target_passes",
+        "drafter_passes",
+        "generated_tokens",
+        "tokens_per_forward",
+        "prompt_tps",
+        "generation_tps",
+        "peak_memory_gb",
+    ):
+        assert key in d
+    assert d["canvases"] == 2 and d["target_passes"] == 6
+
+
+def test_low_level_encode_decode(default):
+    import mlx_diffgem as dg
+
+    model, _ = default
+    cache = model.new_cache(1)
+    model.encode(np.array([[2, 10, 11, 12]]), cache)
+    logits = dg.to_numpy(model.decode(np.arange(16)[None] + 5, cache))
+    assert logits.shape == (1, 16, model.config.vocab_size)
+    assert np.isfinite(logits).all() and np.abs(logits).max() <= 30.0
+    assert cache.offset == 4
+
+
+def test_load_folder_without_tokenizer(tiny_path):
+    import mlx_diffgem as dg
+
+    _, tok = dg.load(tiny_path)
+    assert tok is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"top_p": 0.9}, "top_p"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+    ],
+)
+def test_bad_arguments(default, kwargs, match):
+    import mlx_diffgem as dg
+
+    model, tok = default
+    with pytest.raises(ValueError, match=match):
+        dg.generate(model, tok, "abc", **kwargs)
+
+
+def test_empty_prompt(default):
+    import mlx_diffgem as dg
+
+    model, tok = default
+    with pytest.raises(ValueError, match="empty prompt"):
+        dg.generate_ids(model, np.zeros((1, 0), np.int32))
+
+
+def test_unknown_backend_and_drafter(tiny_path):
+    import mlx_diffgem as dg
+
+    with pytest.raises(ValueError, match="backend"):
+        dg.load(tiny_path, backend="jax")
+    with pytest.raises(ValueError, match="drafter"):
+        dg.load(tiny_path, drafter="self")
+
+
+def _cli(*args, env_home):
+    env = {
+        "DIFFGEM_HOME": str(env_home),
+        "OMP_NUM_THREADS": "1",
+        "PATH": "/usr/bin:/bin",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_diffgem", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_cli_generate_prints_text_and_stats(tmp_path):
+    out = _cli(
+        "generate", "--prompt", "def f(x):", "--max-tokens", "16", env_home=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert "tokens/forward" in out.stderr and "peak memory" in out.stderr
+    assert (tmp_path / "tiny-random" / "model.safetensors").is_file()
+
+
+def test_cli_bad_model_is_one_line(tmp_path):
+    out = _cli(
+        "generate",
+        "--model",
+        str(tmp_path / "nope"),
+        "--prompt",
+        "x",
+        env_home=tmp_path,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "nope" in out.stderr

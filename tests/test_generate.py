@@ -18,17 +18,20 @@ from mlx_diffgem.core.noise import ReplayNoise
 from conftest import needs_transformers
 from hf_replay import hf_generate
 
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 BACKENDS = [
-    pytest.param(
-        "mlx",
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("mlx") is None, reason="mlx not installed"
-        ),
-    ),
+    pytest.param("mlx", marks=pytest.mark.skipif(not _has("mlx"), reason="no mlx")),
     pytest.param(
         "torch",
         marks=pytest.mark.skipif(
-            importlib.util.find_spec("torch") is None, reason="torch not installed"
+            not (_has("torch") and _has("cuda_backend.backend")), reason="no torch"
         ),
     ),
 ]

@@ -50,6 +50,13 @@ class Torch:
         return x.cpu().numpy()
 
 
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _available():
     out = []
     if importlib.util.find_spec("mlx"):

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import needs_mlx
 
 pytestmark = needs_mlx

@@ -11,12 +11,11 @@ import importlib.util
 
 import numpy as np
 import pytest
+from conftest import needs_transformers
+from hf_replay import hf_generate
 
 from mlx_diffgem.core.generate import generate_ids
 from mlx_diffgem.core.noise import ReplayNoise
-
-from conftest import needs_transformers
-from hf_replay import hf_generate
 
 
 def _has(module: str) -> bool:

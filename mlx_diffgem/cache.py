@@ -61,6 +61,22 @@ class _Store:
                 self._reserve(k[..., :0, :], v[..., :0, :])
         return out
 
+    def with_scratch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """[stored ; k] K/V for the decoder, without copying the stored prefix.
+
+        k/v go into the spare rows after the stored slots (in place, as mlx-lm's
+        caches update), so the cache's slots are unchanged: the next append
+        overwrites those rows. The alternative, concatenating, copies the whole
+        prefix every denoising step.
+        """
+        S = k.shape[2]
+        if self.keys is None or self.end + S > self.keys.shape[2]:
+            self._reserve(k, v)
+        self.keys[..., self.end : self.end + S, :] = k
+        self.values[..., self.end : self.end + S, :] = v
+        rows = slice(self.start, self.end + S)
+        return self.keys[..., rows, :], self.values[..., rows, :]
+
     def _reserve(self, k: mx.array, v: mx.array) -> None:
         """Move the kept rows to the front of a new buffer with room for k."""
         n, S = self.length, k.shape[2]

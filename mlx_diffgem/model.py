@@ -120,10 +120,9 @@ class Attention(nn.Module):
         q, k, v = self.project(x, offset)
         if write:
             k, v = store.append(k, v)
-        elif (cached := store.view()) is not None:
-            # The decoder reads [cache ; canvas]: one copy per layer, cache untouched.
-            k = mx.concatenate([cached[0], k], axis=2)
-            v = mx.concatenate([cached[1], v], axis=2)
+        elif store.length:
+            # The decoder reads [cache ; canvas]; its slots stay as they were.
+            k, v = store.with_scratch(k, v)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, S, -1))
 

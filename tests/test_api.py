@@ -147,3 +147,33 @@ def test_cli_bad_model_is_one_line(tmp_path):
     )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "nope" in out.stderr
+
+
+def test_load_reports_bad_checkpoints(tmp_path):
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    import mlx_diffgem as dg
+    from mlx_diffgem.core.errors import CheckpointError, ConfigError
+    from mlx_diffgem.core.tiny import build_tiny_checkpoint
+
+    src = build_tiny_checkpoint(tmp_path / "ok")
+    bad = tmp_path / "shape"
+    shutil.copytree(src, bad)
+    w = load_file(str(bad / "model.safetensors"))
+    w["model.decoder.layers.0.router.scale"] = np.ones(7, np.float32)
+    save_file(w, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.router\.scale has shape"):
+        dg.load(bad)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        dg.load(bad)
+    cfg = json.loads((src / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="model_type 'llama'"):
+        dg.load(bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        dg.load(bad)

@@ -1,0 +1,232 @@
+"""The PyTorch backend: loads a checkpoint, implements the Backend protocol (DESIGN §3).
+
+bf16 on CUDA, float32 on CPU by default. The MLX twin is `mlx_diffgem/backend.py`.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlx_diffgem.core import checkpoint
+from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy, check_ids
+from mlx_diffgem.core.config import GenerationConfig, ModelConfig
+from mlx_diffgem.core.errors import CheckpointError
+from mlx_diffgem.core.noise import NoiseSource
+
+from . import canvas as _canvas
+from . import quantize
+from .cache import Cache
+from .model import Model
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEVICES = ("cuda", "cpu", "mps")
+# Initial capacity of the full-attention K/V buffers (they grow by doubling).
+DEFAULT_MAX_LEN = 4096
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: torch.device) -> str:
+    # bf16 on GPUs (the release dtype); float32 on CPU, where bf16 matmuls are slow.
+    return "float32" if device.type == "cpu" else "bfloat16"
+
+
+class TorchTarget:
+    """A DiffusionGemma loaded with PyTorch."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        model: Model,
+        config: ModelConfig,
+        generation_config: GenerationConfig,
+        path: Path,
+        max_len: int = DEFAULT_MAX_LEN,
+    ):
+        self.model = model
+        self.config = config
+        self.generation_config = generation_config
+        self.path = path
+        self.max_len = max_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self, batch_size: int) -> Cache:
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(
+                f"batch_size: expected a positive integer, got {batch_size!r}"
+            )
+        return Cache(
+            self.config, batch_size, self.max_len, self.device, self.model.dtype
+        )
+
+    def encode(self, ids: Any, cache: Cache, attention_mask: Any = None) -> None:
+        """Causal pass over `ids` [B, S] that appends their K/V to `cache`."""
+        ids = check_ids(ids, self.config.vocab_size, "ids")
+        if ids.shape[0] != cache.batch_size:
+            raise ValueError(
+                f"ids: batch {ids.shape[0]} does not match the cache's "
+                f"{cache.batch_size}"
+            )
+        mask = None
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.shape != ids.shape:
+                raise ValueError(
+                    f"attention_mask: expected shape {ids.shape}, got {mask.shape}"
+                )
+        self.model.encode(torch.as_tensor(ids, device=self.device).long(), cache, mask)
+
+    def decode(
+        self, canvas_ids: Any, cache: Cache, self_conditioning: Any = None
+    ) -> torch.Tensor:
+        """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits."""
+        if not isinstance(canvas_ids, torch.Tensor):
+            canvas_ids = check_ids(canvas_ids, self.config.vocab_size, "canvas_ids")
+        canvas_ids = torch.as_tensor(canvas_ids, device=self.device).long()
+        if self_conditioning is not None:
+            self_conditioning = torch.as_tensor(self_conditioning, device=self.device)
+        return self.model.decode(canvas_ids, cache, self_conditioning)
+
+    def denoise(
+        self,
+        state: CanvasState,
+        cache: Cache,
+        policy: DenoisePolicy,
+        noise: NoiseSource,
+        on_step=None,
+    ) -> CanvasResult:
+        return _canvas.denoise(self.model, state, cache, policy, noise, on_step)
+
+    def denoise_steps(
+        self, state: CanvasState, cache: Cache, policy: DenoisePolicy, noise
+    ):
+        """`denoise` as a generator of StepViews (live drafts) returning the result."""
+        return _canvas.denoise_steps(
+            self.model, state, cache, policy, noise, views=True
+        )
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    def peak_memory(self) -> int:
+        """Peak bytes: device allocations on CUDA/MPS, the process's peak RSS on CPU."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.device.type == "mps":
+            return int(torch.mps.driver_allocated_memory())
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes vs KiB
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host copy of a backend array (bf16 becomes float32: numpy has no bf16)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.cpu().numpy()
+    return np.asarray(x)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    try:
+        dev = torch.device(device or default_device())
+    except RuntimeError:  # torch's message lists every device type it knows
+        dev = None
+    if dev is None or dev.type not in DEVICES:
+        raise ValueError(
+            f"device: expected one of {', '.join(DEVICES)}, got {device!r}"
+        )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but torch sees no CUDA device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device: 'mps' requested but torch sees no MPS device")
+    return dev
+
+
+def _load_tensors(
+    files: list[Path], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Internal name -> tensor on `device`; floats cast to `dtype`, vision skipped."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as fh:
+                for name in fh.keys():
+                    internal = checkpoint.hf_to_internal(name)
+                    if internal is None:
+                        continue
+                    t = fh.get_tensor(name)
+                    out[internal] = t.to(dtype) if t.is_floating_point() else t
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+    return out
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: str | None = None,
+    quantization: dict | str | None = None,
+    device: str | torch.device | None = None,
+    max_len: int = DEFAULT_MAX_LEN,
+    compile: bool = False,
+) -> TorchTarget:
+    """Load a DiffusionGemma checkpoint (Hugging Face layout) with PyTorch.
+
+    Args:
+        path: a checkpoint folder or a Hugging Face repo id.
+        dtype: "bfloat16" | "float16" | "float32" (default: bf16 on GPU, fp32 on CPU).
+        quantization: "int8" (or {"bits": 8}): weight-only int8, see quantize.py.
+        device: "cuda" | "cpu" | "mps" (default: cuda if available, else cpu).
+        max_len: initial K/V capacity of the full-attention layers (grows as needed).
+        compile: run the decoder pass through `torch.compile` (dynamic shapes: one
+            graph for every cache length). Costs a minute of compilation up front.
+    """
+    dev = _device(device)
+    dtype = dtype or default_dtype(dev)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantization is not None:
+        quantize.check_mode(quantization)
+    folder = checkpoint.resolve(path)
+    config = checkpoint.load_config(folder)
+    if config.quantization:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: MLX-quantized checkpoints load with backend "
+            "'mlx'; the torch backend expects the Hugging Face weights"
+        )
+    checkpoint.check_checkpoint(folder, config)  # headers only: fails fast
+    tensors = _load_tensors(checkpoint.weight_files(folder), dev, DTYPES[dtype])
+    with torch.device("meta"):
+        model = Model(config)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.init_buffers()
+    model.eval().requires_grad_(False)
+    if quantization is not None:
+        quantize.quantize_model(model, quantization)
+    if compile:
+        model.decode = torch.compile(model.decode, dynamic=True)
+    gen = checkpoint.load_generation_config(folder, config)
+    return TorchTarget(model, config, gen, folder, max_len)

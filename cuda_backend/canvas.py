@@ -1,0 +1,162 @@
+"""Denoise one canvas on the torch device: the reference's inner loop (spec §4.2).
+
+Per step n = N..1 (n counts down):
+1. decode the canvas with the previous step's processed logits as self-conditioning;
+2. z = logits / T(n); draw the proposal; argmax; entropies;
+3. accept the low-entropy proposals, renoise every other position;
+4. freeze rows that already stopped; stable-and-confident test;
+5. copy `done` to the host (the only sync of a step), then stop if all rows are done.
+The MLX twin is `mlx_diffgem/canvas.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+
+import numpy as np
+import torch
+
+from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy, StepView
+from mlx_diffgem.core.noise import NoiseSource
+
+from .sampling import accept_mask, entropy, renoise, sample_tokens, stop_update
+
+
+def _generator(noise: NoiseSource, device: torch.device) -> torch.Generator:
+    """The device generator kept in `noise.state` (seeded on first use)."""
+    if getattr(noise, "state", None) is None:
+        g = torch.Generator(device=device)
+        if noise.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(noise.seed)
+        noise.state = g
+    return noise.state
+
+
+def draw_uniform(
+    noise: NoiseSource,
+    kind: str,
+    shape: tuple[int, int],
+    vocab: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """An `initial_canvas` or `renoise` draw: replayed ids, or uniform ids on device."""
+    ids = getattr(noise, kind)(shape, vocab)
+    if ids is not None:
+        return torch.as_tensor(ids, dtype=torch.long, device=device)
+    g = _generator(noise, device)
+    return torch.randint(0, vocab, shape, generator=g, device=device)
+
+
+def draw_sample(noise: NoiseSource, z: torch.Tensor) -> torch.Tensor:
+    """The `sample` draw: replayed ids, or a categorical draw from softmax(z)."""
+    ids = noise.sample(tuple(z.shape[:2]))
+    if ids is not None:
+        return torch.as_tensor(ids, dtype=torch.long, device=z.device)
+    return sample_tokens(z, _generator(noise, z.device))
+
+
+def _start(
+    model, state: CanvasState, noise: NoiseSource, shape: tuple[int, int], device
+) -> torch.Tensor:
+    # The reference draws the initial canvas even when a starting canvas is given.
+    drawn = None
+    if state.draw_initial or state.canvas is None:
+        drawn = draw_uniform(
+            noise, "initial_canvas", shape, model.config.vocab_size, device
+        )
+    if state.canvas is None:
+        return drawn
+    return torch.as_tensor(state.canvas, device=device).long()
+
+
+def denoise(
+    model,
+    state: CanvasState,
+    cache,
+    policy: DenoisePolicy,
+    noise: NoiseSource,
+    on_step: Callable[[StepView], None] | None = None,
+) -> CanvasResult:
+    """Run denoising steps until every row is stable and confident, or N steps."""
+    steps = denoise_steps(model, state, cache, policy, noise, views=on_step is not None)
+    while True:
+        try:
+            view = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        on_step(view)
+
+
+@torch.inference_mode()
+def denoise_steps(
+    model,
+    state: CanvasState,
+    cache,
+    policy: DenoisePolicy,
+    noise: NoiseSource,
+    views: bool = False,
+) -> Generator[StepView, None, CanvasResult]:
+    """`denoise` as a generator: yields the live argmax canvas after each step when
+    `views` (one extra host copy per step) and returns the CanvasResult."""
+    B, C, dev = cache.batch_size, model.config.canvas_length, cache.device
+    canvas = _start(model, state, noise, (B, C), dev)
+    sc, history, argmax = state.self_conditioning, state.history, canvas
+    finished = torch.as_tensor(
+        np.zeros(B, bool) if state.finished is None else state.finished
+    )
+    finished = finished.to(dev)
+    done = torch.zeros((B,), dtype=torch.bool, device=dev)
+    passes = torch.zeros((B,), dtype=torch.int32, device=dev)
+    h_mean = torch.zeros((B,), dtype=torch.float32, device=dev)
+    N = policy.max_steps
+    # Every temperature in one upload; step n divides by a device scalar, as the
+    # reference does (a host float would become a reciprocal multiply on CUDA).
+    temps = torch.tensor([policy.temperature(n) for n in range(N, 0, -1)], device=dev)
+    any_done, accepted, entropies, steps = False, [], [], 0
+    for n in range(N, 0, -1):
+        passes += (~(done | finished)).int()
+        z = model.decode(canvas, cache, sc).div_(temps[N - n])  # 1-2
+        draft = draw_sample(noise, z)
+        new_arg = torch.argmax(z, dim=-1)
+        h = entropy(z)
+        keep = accept_mask(h, policy.entropy_bound)  # 3
+        new_canvas = renoise(
+            keep, draft, draw_uniform(noise, "renoise", (B, C), z.shape[-1], dev)
+        )
+        new_h_mean = h.mean(dim=-1)
+        if any_done:  # 4: rows that stopped keep their previous state
+            new_arg = torch.where(done[:, None], argmax, new_arg)
+            new_canvas = torch.where(done[:, None], canvas, new_canvas)
+            # In place: no extra [B, C, V] tensor.
+            torch.where(done[:, None, None], sc, z, out=z)
+            new_h_mean = torch.where(done, h_mean, new_h_mean)
+        stop, history = stop_update(
+            history,
+            new_arg,
+            new_h_mean,
+            policy.stability_threshold,
+            policy.confidence_threshold,
+        )
+        done = done | stop
+        sc, canvas, argmax, h_mean = z.to(model.dtype), new_canvas, new_arg, new_h_mean
+        accepted.append(keep.sum(dim=-1))
+        entropies.append(new_h_mean)
+        done_host = done.cpu().numpy()  # 5
+        steps += 1
+        if views:
+            yield StepView(steps, argmax.cpu().numpy().astype(np.int32), done_host)
+        any_done = bool(done_host.any())
+        if done_host.all():
+            break
+    return CanvasResult(
+        tokens=argmax.cpu().numpy().astype(np.int32),
+        steps=steps,
+        passes=passes.cpu().numpy().astype(np.int64),
+        state=CanvasState(canvas, sc, history, state.finished, draw_initial=False),
+        step_stats={
+            "accepted": torch.stack(accepted).cpu().numpy(),
+            "mean_entropy": torch.stack(entropies).cpu().numpy(),
+        },
+    )

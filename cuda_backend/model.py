@@ -1,0 +1,382 @@
+"""DiffusionGemma's text model in plain PyTorch (spec §3): one weight set, two modes.
+
+`encode` is a causal pass that appends K/V to the cache (encoder layer scalars);
+`decode` is a bidirectional pass over [cache ; canvas] with self-conditioning that
+returns softcapped float32 logits and never changes the cache (decoder scalars).
+
+Attribute names are the checkpoint's names without `model.decoder.` (see
+`core.checkpoint.hf_to_internal`), so a state dict loads one to one; the experts stay
+fused as `gate_up_proj [E, 2*Ie, H]` and `down_proj [E, H, Ie]`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlx_diffgem.core.config import ModelConfig
+
+from .cache import Cache, LayerCache, Masks
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, cast back to the input dtype; the weight as is (no 1 + w)."""
+    y = x.float()
+    y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """Gated GELU MLP (the dense branch and the self-conditioning block)."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SelfConditioning(MLP):
+    """pre_norm -> gated MLP; `post_norm` has no weight and is applied by the model."""
+
+    def __init__(self, hidden: int, inner: int, eps: float):
+        super().__init__(hidden, inner)
+        self.pre_norm = RMSNorm(hidden, eps)
+
+    def forward(self, soft: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pre_norm(soft))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE; x [B, S, h, D], cos/sin [S, D] in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int):
+        super().__init__()
+        H, nh = cfg.hidden_size, cfg.num_attention_heads
+        self.head_dim, self.kv_heads = cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
+        self.sliding = not cfg.is_full(i)
+        self.eps = cfg.rms_norm_eps
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(H, nh * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(H, self.kv_heads * self.head_dim, bias=bias)
+        # Full layers have no v_proj: V is the raw k_proj output (k == v, spec §3.2).
+        if self.sliding:
+            self.v_proj = nn.Linear(H, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(nh * self.head_dim, H, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, self.eps)
+        self.k_norm = RMSNorm(self.head_dim, self.eps)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, -1, self.head_dim)
+        q = rope(self.q_norm(q), cos, sin).transpose(1, 2)  # [B, nh, S, D]
+        k0 = self.k_proj(x).view(B, S, -1, self.head_dim)
+        v0 = self.v_proj(x).view(B, S, -1, self.head_dim) if self.sliding else k0
+        k = rope(self.k_norm(k0), cos, sin).transpose(1, 2)  # [B, kv, S, D]
+        v = rms_norm(v0, None, self.eps).transpose(1, 2)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rot: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        layer_cache: LayerCache,
+        encoder: bool,
+    ) -> torch.Tensor:
+        B, S, _ = x.shape
+        q, k, v = self._qkv(x, *rot)
+        group = q.shape[1] // self.kv_heads
+        if encoder:
+            k, v = layer_cache.append(k, v)
+            # Once per canvas: repeat K/V so the [B, 1, S, keys] mask broadcasts.
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+            # A left pad early in a row attends to nothing: torch's math kernel gives
+            # 0 there (as the reference gets), other kernels may give NaN.
+            o = o.nan_to_num(0.0)
+        else:
+            k, v = layer_cache.with_canvas(k, v)
+            o = decoder_attention(q, k, v, mask)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+
+
+# Fold query groups in the decoder: None = on every device but the CPU.
+FOLD_GQA: bool | None = None
+
+
+def decoder_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Bidirectional attention of q [B, nh, S, D] over k, v [B, kv, keys, D].
+
+    On GPUs each KV head's query group is folded into the query axis: any SDPA kernel
+    takes it, and no step copies the cached K/V. On the CPU the reference's own GQA
+    call keeps the GEMM shapes, so float32 logits match transformers bit for bit.
+    """
+    B, nh, S, D = q.shape
+    kv = k.shape[1]
+    fold = FOLD_GQA if FOLD_GQA is not None else q.device.type != "cpu"
+    if fold:
+        o = F.scaled_dot_product_attention(
+            q.reshape(B, kv, nh // kv * S, D), k, v, attn_mask=mask, scale=1.0
+        )
+        return o.reshape(B, nh, S, D)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True
+    )
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, E = cfg.hidden_size, cfg.num_experts
+        self.top_k, self.eps = cfg.top_k_experts, cfg.rms_norm_eps
+        self.proj = nn.Linear(H, E, bias=False)
+        self.scale = nn.Parameter(torch.ones(H))
+        self.per_expert_scale = nn.Parameter(torch.ones(E))
+
+    def forward(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert weights (float32) and ids from the raw residual r [N, H]."""
+        z = rms_norm(r, None, self.eps) * self.scale * r.shape[-1] ** -0.5
+        probs = torch.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)  # softmax over all E, then top-k
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+
+@functools.cache
+def _sm80(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _has_grouped_mm(w: torch.Tensor) -> bool:
+    # torch's grouped GEMM runs on CPU for any float dtype, and on CUDA for bf16 on
+    # SM80+; torch.compile only traces it in bf16. Otherwise: the loop over experts.
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if torch.compiler.is_compiling() and w.dtype != torch.bfloat16:
+        return False
+    if w.device.type == "cpu":
+        return True
+    return w.device.type == "cuda" and w.dtype == torch.bfloat16 and _sm80(w.device)
+
+
+def grouped_linear(
+    x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
+    """Rows of x sorted by expert times each expert's w[e]^T ([E, out, in]).
+
+    offs[e] is the end row of expert e (int32). The fallback loops over the experts
+    that got rows (one host sync per call): fine for CPU/MPS tests, not for speed.
+    """
+    if _has_grouped_mm(w):
+        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    out = x.new_empty(x.shape[0], w.shape[1])
+    ends = offs.tolist()
+    for e, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        if hi > lo:
+            out[lo:hi] = x[lo:hi] @ w[e].T
+    return out
+
+
+class Experts(nn.Module):
+    """The routed experts as two grouped GEMMs over tokens sorted by expert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, H, Ie = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Ie, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, Ie))
+
+    def forward(
+        self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor
+    ) -> torch.Tensor:
+        """x [N, H], w [N, K] float32, idx [N, K] -> [N, H] in x's dtype."""
+        N, K = idx.shape
+        E = self.gate_up_proj.shape[0]
+        flat = idx.reshape(-1)
+        # Unstable sort, as the reference: the row order inside a group changes GEMM
+        # rounding on some BLAS builds.
+        ids, order = torch.sort(flat)
+        # End row of each expert's group, without a host sync (graph friendly).
+        experts = torch.arange(E, device=ids.device, dtype=ids.dtype)
+        offs = torch.searchsorted(ids, experts, right=True).to(torch.int32)
+        h = self.project("gate_up_proj", x[order // K], offs, ids)
+        gate, up = h.chunk(2, dim=-1)
+        y = self.project("down_proj", gelu(gate) * up, offs, ids)
+        # The reference multiplies in float32 and sums the K picks in float32 once.
+        y = y.float() * w.reshape(-1)[order, None]
+        out = torch.empty_like(y)
+        out[order] = y
+        return out.view(N, K, -1).sum(dim=1).to(x.dtype)
+
+    def project(
+        self, name: str, x: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows x (sorted by expert, `ids` = their experts) times weight `name`."""
+        return grouped_linear(x, getattr(self, name), offs)
+
+
+_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "post_feedforward_layernorm_1",
+    "pre_feedforward_layernorm_2",
+    "post_feedforward_layernorm_2",
+)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        for name in _NORMS:
+            setattr(self, name, RMSNorm(H, eps))
+        self.self_attn = Attention(cfg, i)
+        self.mlp = MLP(H, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        # Only these differ between the modes (buffers, separate in the checkpoint).
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        rot: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        layer_cache: LayerCache,
+        encoder: bool,
+    ) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(h), rot, mask, layer_cache, encoder)
+        r = h + self.post_attention_layernorm(a)
+        h1 = self.post_feedforward_layernorm_1(
+            self.mlp(self.pre_feedforward_layernorm(r))
+        )
+        flat = r.reshape(-1, r.shape[-1])
+        w, idx = self.router(flat)  # the router reads the raw residual
+        h2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx)
+        h2 = self.post_feedforward_layernorm_2(h2.view(r.shape))
+        h = r + self.post_feedforward_layernorm(h1 + h2)
+        return h * (self.encoder_layer_scalar if encoder else self.layer_scalar)
+
+
+class Model(nn.Module):
+    """The DiffusionGemma text stack shared by the encoder and the decoder."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, H)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(H, eps)
+        self.self_conditioning = SelfConditioning(H, cfg.intermediate_size, eps)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """(Re)build the float32 RoPE frequencies on the embedding's device and the
+        embedding scale for its dtype: call it after loading weights onto the
+        meta-built module (and do not cast the frequencies)."""
+        # sqrt(H) rounded to the weight dtype first: 53.0 in bf16 for H = 2816.
+        scale = torch.tensor(math.sqrt(self.config.hidden_size), device="cpu")
+        self._embed_scale = float(scale.to(self.dtype))
+        device = self.embed_tokens.weight.device
+        # One layer of each kind gives its frequencies (unused if there is none).
+        layer_of = {not self.config.is_full(i): i for i in range(len(self.layers))}
+        for sliding, name in ((False, "inv_freq_full"), (True, "inv_freq_sliding")):
+            inv = self.config.rope_inv_freq(layer_of.get(sliding, 0))
+            self.register_buffer(name, torch.as_tensor(inv, device=device), False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed_scale(self) -> float:
+        """sqrt(H) as the weight dtype holds it (the reference's rounding)."""
+        return self._embed_scale
+
+    def _rotations(self, positions: torch.Tensor) -> dict[bool, tuple]:
+        out = {}
+        for sliding in (False, True):
+            inv = getattr(self, f"inv_freq_{'sliding' if sliding else 'full'}").float()
+            f = positions.float()[:, None] * inv[None]
+            emb = torch.cat((f, f), dim=-1)
+            out[sliding] = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+        return out
+
+    def _layers(self, h, positions, masks: Masks, cache: Cache, encoder: bool):
+        rot = self._rotations(positions)
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            s = layer.self_attn.sliding
+            h = layer(h, rot[s], masks[s], layer_cache, encoder)
+        return h
+
+    @torch.inference_mode()
+    def encode(self, ids: torch.Tensor, cache: Cache, attention_mask=None) -> None:
+        """Causal pass over ids [B, S] (long) that appends their K/V to `cache`.
+
+        attention_mask: [B, S] numpy for the new ids only, 1 = token, 0 = padding.
+        """
+        positions, masks = cache.begin_encode(ids.shape[1], attention_mask)
+        h = self.embed_tokens(ids) * self.embed_scale()
+        self._layers(h, positions, masks, cache, encoder=True)
+        cache.end_encode(ids.shape[1])
+
+    def _decoder_input(
+        self, canvas: torch.Tensor, sc: torch.Tensor | None
+    ) -> torch.Tensor:
+        scale = self.embed_scale()
+        e = self.embed_tokens(canvas) * scale
+        if sc is not None:
+            # Expected embedding under the previous step's distribution (spec §3.6).
+            p = torch.softmax(sc, dim=-1, dtype=torch.float32).to(self.dtype)
+            e = e + self.self_conditioning(p @ self.embed_tokens.weight * scale)
+        # Without sc the block sees zeros and adds exactly zero; skip it.
+        return rms_norm(e, None, self.config.rms_norm_eps)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        canvas: torch.Tensor,
+        cache: Cache,
+        self_conditioning: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Bidirectional pass: canvas [B, C] long -> logits [B, C, V] float32."""
+        positions, masks = cache.decoder_masks(canvas.shape[1])
+        h = self._decoder_input(canvas, self_conditioning)
+        h = self.norm(self._layers(h, positions, masks, cache, encoder=False))
+        logits = F.linear(h, self.embed_tokens.weight).float()
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap

@@ -196,13 +196,14 @@ def build_char_tokenizer(path: str | Path, vocab_size: int = 128) -> Path:
 
     chars = ["\n"] + [chr(c) for c in range(32, 127)]
     names = SPECIALS + chars
-    names += [f"<unused{i}>" for i in range(vocab_size - len(names))]
+    unused = [f"<unused{i}>" for i in range(vocab_size - len(names))]
+    names += unused
     tok = Tokenizer(
         models.WordLevel({t: i for i, t in enumerate(names)}, unk_token="<unk>")
     )
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(SPECIALS + unused)  # decoding skips them
     path = Path(path)
     tok.save(str(path / "tokenizer.json"))
     special = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>"}

@@ -15,6 +15,7 @@ from mlx_diffgem.core.errors import CheckpointError
 from mlx_diffgem.core.noise import NoiseSource
 
 from . import canvas as _canvas
+from . import quantize
 from .cache import make_cache
 from .model import Model
 
@@ -121,6 +122,22 @@ def _load_arrays(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
+def build_model(config: ModelConfig, files: list[Path], dtype: str) -> Model:
+    """A Model with the files' weights (quantized as config.json says), not evaluated.
+
+    Arrays stay lazy (mx.load maps the files), so `convert` can stream a checkpoint
+    larger than memory through quantization shard by shard.
+    """
+    model = Model(config)
+    weights = quantize.prepare(model, config, _load_arrays(files), files[0].name)
+    weights = {
+        k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
+    model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
 def load(
     path: str | Path,
     *,
@@ -136,20 +153,12 @@ def load(
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    recipe = None if quantization is None else quantize.parse_spec(quantization)
     folder = checkpoint.resolve(path)
     config = checkpoint.load_config(folder)
-    files = checkpoint.weight_files(folder)
-    from . import quantize
-
-    model = Model(config)
-    weights = quantize.prepare(model, config, _load_arrays(files), files[0].name)
-    weights = {
-        k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in weights.items()
-    }
-    model.load_weights(list(weights.items()), strict=True)
-    if quantization is not None:
-        quantize.quantize_model(model, config, quantization)
+    model = build_model(config, checkpoint.weight_files(folder), dtype)
+    if recipe is not None:
+        quantize.quantize_model(model, config, recipe)
     mx.eval(model.parameters())
     gen = checkpoint.load_generation_config(folder)
     return MLXTarget(model, config, gen, folder)

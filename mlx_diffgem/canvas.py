@@ -132,12 +132,13 @@ def denoise_steps(
         )
         accepted.append(keep.sum(axis=-1))
         entropies.append(new_h_mean)
-        mx.eval(done, canvas, sc, argmax, history, passes, accepted[-1], h_mean)  # 5
+        status = mx.stack([mx.any(done), mx.all(done)])  # read back with the state
+        mx.eval(done, canvas, sc, argmax, history, passes, accepted[-1], h_mean, status)
         steps += 1
         if views:
             yield StepView(steps, np.array(argmax), np.array(done))
-        any_done = bool(done.any().item())
-        if any_done and bool(done.all().item()):
+        any_done, all_done = status.tolist()  # 5: already evaluated, no extra sync
+        if all_done:
             break
     return CanvasResult(
         tokens=np.array(argmax).astype(np.int32),

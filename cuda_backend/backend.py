@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from mlx_diffgem.core import checkpoint
-from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy, check_ids
+from mlx_diffgem.core.backend import (
+    CanvasResult,
+    CanvasState,
+    DenoisePolicy,
+    check_batch_size,
+    check_encode,
+    check_ids,
+)
 from mlx_diffgem.core.config import GenerationConfig, ModelConfig
 from mlx_diffgem.core.errors import CheckpointError
 from mlx_diffgem.core.noise import NoiseSource
@@ -67,29 +74,16 @@ class TorchTarget:
         return self.model.embed_tokens.weight.device
 
     def new_cache(self, batch_size: int) -> Cache:
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(
-                f"batch_size: expected a positive integer, got {batch_size!r}"
-            )
+        check_batch_size(batch_size)
         return Cache(
             self.config, batch_size, self.max_len, self.device, self.model.dtype
         )
 
     def encode(self, ids: Any, cache: Cache, attention_mask: Any = None) -> None:
         """Causal pass over `ids` [B, S] that appends their K/V to `cache`."""
-        ids = check_ids(ids, self.config.vocab_size, "ids")
-        if ids.shape[0] != cache.batch_size:
-            raise ValueError(
-                f"ids: batch {ids.shape[0]} does not match the cache's "
-                f"{cache.batch_size}"
-            )
-        mask = None
-        if attention_mask is not None:
-            mask = np.asarray(attention_mask)
-            if mask.shape != ids.shape:
-                raise ValueError(
-                    f"attention_mask: expected shape {ids.shape}, got {mask.shape}"
-                )
+        ids, mask = check_encode(
+            ids, attention_mask, cache.batch_size, self.config.vocab_size
+        )
         self.model.encode(torch.as_tensor(ids, device=self.device).long(), cache, mask)
 
     def decode(

@@ -9,7 +9,14 @@ import numpy as np
 
 from mlx_diffgem._blas import import_mlx
 from mlx_diffgem.core import checkpoint
-from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy, check_ids
+from mlx_diffgem.core.backend import (
+    CanvasResult,
+    CanvasState,
+    DenoisePolicy,
+    check_batch_size,
+    check_encode,
+    check_ids,
+)
 from mlx_diffgem.core.config import GenerationConfig, ModelConfig
 from mlx_diffgem.core.errors import CheckpointError
 from mlx_diffgem.core.noise import NoiseSource
@@ -48,32 +55,17 @@ class MLXTarget:
         self.path = path
 
     def new_cache(self, batch_size: int):
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(
-                f"batch_size: expected a positive integer, got {batch_size!r}"
-            )
-        return make_cache(self.model, batch_size)
+        return make_cache(self.model, check_batch_size(batch_size))
 
     def encode(self, ids: Any, cache, attention_mask: Any = None) -> None:
         """Causal pass over `ids` [B, S] that appends their K/V to `cache`."""
-        ids = check_ids(ids, self.config.vocab_size, "ids")
-        if ids.shape[0] != cache.batch_size:
-            raise ValueError(
-                f"ids: batch {ids.shape[0]} does not match the cache's "
-                f"{cache.batch_size}"
-            )
-        mask = None
-        if attention_mask is not None:
-            mask = np.asarray(attention_mask)
-            if mask.shape != ids.shape:
-                raise ValueError(
-                    f"attention_mask: expected shape {ids.shape}, got {mask.shape}"
-                )
-            mask = mx.array(mask.astype(bool))
+        ids, mask = check_encode(
+            ids, attention_mask, cache.batch_size, self.config.vocab_size
+        )
+        mask = None if mask is None else mx.array(mask)
         self.model.encode(mx.array(ids), cache, attention_mask=mask)
-        mx.eval(
-            cache.state
-        )  # materialize per chunk: bounds the peak of chunked prefill
+        # Materialize per chunk: bounds the peak memory of a chunked prefill.
+        mx.eval(cache.state)
 
     def decode(self, canvas_ids: Any, cache, self_conditioning: Any = None) -> mx.array:
         """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits."""

@@ -176,3 +176,32 @@ def check_ids(ids: Any, vocab_size: int, name: str = "input_ids") -> np.ndarray:
             f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})"
         )
     return arr.astype(np.int32)
+
+
+def check_batch_size(batch_size: Any) -> int:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size <= 0
+    ):
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def check_encode(
+    ids: Any, attention_mask: Any, batch_size: int, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validated `encode` arguments: ids [B, S] int32 and a bool mask [B, S] or None."""
+    ids = check_ids(ids, vocab_size, "ids")
+    if ids.shape[0] != batch_size:
+        raise ValueError(
+            f"ids: batch {ids.shape[0]} does not match the cache's {batch_size}"
+        )
+    if attention_mask is None:
+        return ids, None
+    mask = np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask: expected shape {ids.shape}, got {mask.shape}"
+        )
+    return ids, mask.astype(bool)

@@ -20,7 +20,14 @@ from mlx_diffgem._blas import import_mlx
 from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy, StepView
 from mlx_diffgem.core.noise import NoiseSource
 
-from .sampling import accept_mask, entropy, renoise, sample_tokens, stop_update
+from .sampling import (
+    accept_mask,
+    entropy,
+    renoise,
+    sample_tokens,
+    softmax_tail,
+    stop_update,
+)
 
 mx = import_mlx()
 
@@ -44,12 +51,12 @@ def draw_uniform(
     return mx.random.randint(0, vocab, shape, dtype=mx.int32, key=_next_key(noise))
 
 
-def draw_sample(noise: NoiseSource, z: mx.array) -> mx.array:
+def draw_sample(noise: NoiseSource, z: mx.array, parts: tuple) -> mx.array:
     """The `sample` draw: replayed ids, or a categorical draw from softmax(z)."""
     ids = noise.sample(z.shape[:2])
     if ids is not None:
         return mx.array(ids, dtype=mx.int32)
-    return sample_tokens(z, _next_key(noise))
+    return sample_tokens(z, _next_key(noise), parts)
 
 
 def _start(
@@ -103,9 +110,10 @@ def denoise_steps(
         z = model.decode(canvas, cache, sc) / mx.array(
             policy.temperature(n), mx.float32
         )  # 1-2
-        draft = draw_sample(noise, z)
+        parts = softmax_tail(z)  # one exp pass for the draw and the entropies
+        draft = draw_sample(noise, z, parts)
         new_arg = mx.argmax(z, axis=-1).astype(mx.int32)
-        h = entropy(z)
+        h = entropy(z, parts)
         keep = accept_mask(h, policy.entropy_bound)  # 3
         new_canvas = renoise(
             keep, draft, draw_uniform(noise, "renoise", (B, C), z.shape[-1])

@@ -12,20 +12,28 @@ from mlx_diffgem._blas import import_mlx
 mx = import_mlx()
 
 
-def entropy(z: mx.array) -> mx.array:
+def softmax_tail(z: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The parts of softmax(z) that entropy and sampling share (one exp pass).
+
+    Returns d = z - max, w = exp(d) off the max entries (0 on them), the tail sum
+    sum(w) and the number of max entries. MLX's CPU reductions add sequentially, so
+    in sum(exp(z - max)) the max's 1 swallows a tail of tiny terms (a peaked
+    262k-way distribution loses its whole entropy); keeping the tail apart keeps it.
+    """
+    d = z - mx.max(z, axis=-1, keepdims=True)
+    tail = d < 0
+    w = mx.where(tail, mx.exp(d), 0.0)
+    return d, w, mx.sum(w, axis=-1), mx.sum(~tail, axis=-1).astype(z.dtype)
+
+
+def entropy(z: mx.array, parts: tuple | None = None) -> mx.array:
     """Entropy in nats of softmax(z) over the vocab, [..., V] -> [...] (float32).
 
-    MLX's CPU reductions add sequentially, so in sum(exp(z - max)) the 1 of the max
-    swallows a tail of tiny terms (a peaked 262k-way distribution loses its whole
-    entropy). Summing the tail apart from the max(es) keeps it: with t = sum of the
-    tail, H = log1p(t) - sum_tail(e * (z - max)) / (1 + t).
+    With t = tail sum + (number of maxima - 1): H = log1p(t) - sum(w * d) / (1 + t).
     """
-    m = mx.max(z, axis=-1, keepdims=True)
-    d = z - m
-    tail = d < 0
-    e = mx.where(tail, mx.exp(d), 0.0)
-    t = mx.sum(e, axis=-1) + (mx.sum(~tail, axis=-1) - 1).astype(z.dtype)
-    return mx.log1p(t) - mx.sum(e * d, axis=-1) / (1.0 + t)
+    d, w, tail, n_max = softmax_tail(z) if parts is None else parts
+    t = tail + n_max - 1.0
+    return mx.log1p(t) - mx.sum(w * d, axis=-1) / (1.0 + t)
 
 
 def accept_mask(h: mx.array, bound: float) -> mx.array:
@@ -42,9 +50,19 @@ def renoise(keep: mx.array, draft: mx.array, noise: mx.array) -> mx.array:
     return mx.where(keep, draft, noise)
 
 
-def sample_tokens(z: mx.array, key: mx.array) -> mx.array:
-    """One draw per position from softmax(z): [B, C, V] -> [B, C] int32."""
-    return mx.random.categorical(z, axis=-1, key=key).astype(mx.int32)
+def sample_tokens(z: mx.array, key: mx.array, parts: tuple | None = None) -> mx.array:
+    """One draw per position from softmax(z): [B, C, V] -> [B, C] int32.
+
+    Inverse CDF with one uniform per position (a Gumbel draw needs V of them, which
+    costs more than the whole sampler on a CPU). The tail is searched on its own
+    cumulative sum so its tiny terms are not lost next to the max's 1; the mass of
+    the max entries goes to the first of them.
+    """
+    _, w, tail, n_max = softmax_tail(z) if parts is None else parts
+    u = mx.random.uniform(shape=tail.shape, key=key) * (tail + n_max)
+    pick = mx.sum(mx.cumsum(w, axis=-1) < u[..., None], axis=-1)
+    pick = mx.minimum(pick, z.shape[-1] - 1)  # rounding: u just below the tail sum
+    return mx.where(u < tail, pick, mx.argmax(z, axis=-1)).astype(mx.int32)
 
 
 def stop_update(

@@ -158,3 +158,15 @@ def test_sampling_follows_the_distribution(xp):
     else:
         draw = xp.s.sample_tokens(xp.arr(z), xp.torch.Generator().manual_seed(0))
     assert (xp.np(draw) == 2).all()
+
+
+def test_sampling_frequencies_match_the_probabilities(xp):
+    p = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
+    z = np.broadcast_to(np.log(p), (8, C, 4)).copy()
+    if xp.name == "mlx":
+        draw = xp.s.sample_tokens(xp.arr(z), xp.mx.random.key(1))
+    else:
+        draw = xp.s.sample_tokens(xp.arr(z), xp.torch.Generator().manual_seed(1))
+    draw = xp.np(draw).ravel()
+    freq = np.bincount(draw, minlength=4) / draw.size
+    np.testing.assert_allclose(freq, p, atol=0.03)  # 2048 draws: ~4 sigma

@@ -1,0 +1,187 @@
+"""The training corpus of the embedded model: the Python standard library's own source.
+
+The `.py` files under `sysconfig.get_paths()["stdlib"]` (PSF licence) are split by
+file into train and held-out (a hash of the relative path, about 5% held out), so a
+held-out file is never seen in training. A byte-level BPE tokenizer (ids 0-4 =
+<pad>/<eos>/<bos>/<unk>/<mask>, as released) is trained on the train split only,
+and each split is packed as `<bos> file text <eos> ...` into a uint16 token stream.
+
+Left out: site-packages (not the stdlib), test folders (test/, tests/, idle_test/:
+20 MB of fixtures, generated data and deliberately odd code), encodings/ (generated
+codec tables), pydoc_data/ (one huge docs string), config-*/ and the machine-specific
+`_sysconfigdata*` files, and any file that is not UTF-8.
+
+    python -m cuda_backend.corpus --out runs/corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sysconfig
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+# Reserved for the vision ids that config.json must name: never produced from text.
+IMAGE_TOKENS = ["<|image>", "<|image|>", "<image|>"]
+PAD, EOS, BOS = 0, 1, 2
+EXCLUDED_DIRS = frozenset(
+    {
+        "site-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "encodings",
+        "pydoc_data",
+        "__pycache__",
+    }
+)
+HELD_OUT_PERCENT = 5
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _excluded(rel: Path) -> bool:
+    parts = rel.parts[:-1]
+    if any(p in EXCLUDED_DIRS or p.startswith("config-") for p in parts):
+        return True
+    return rel.name.startswith("_sysconfigdata")
+
+
+def source_files(root: Path | None = None) -> list[Path]:
+    """Relative paths of the corpus files under `root` (default: the stdlib), sorted."""
+    root = stdlib_root() if root is None else Path(root)
+    rels = (p.relative_to(root) for p in root.rglob("*.py") if p.is_file())
+    return sorted(r for r in rels if not _excluded(r))
+
+
+def is_held_out(rel: Path | str, percent: int = HELD_OUT_PERCENT) -> bool:
+    """Deterministic by-file split: the same path is always on the same side."""
+    digest = hashlib.sha256(Path(rel).as_posix().encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 100 < percent
+
+
+def split_files(
+    files: Iterable[Path], percent: int = HELD_OUT_PERCENT
+) -> tuple[list[Path], list[Path]]:
+    """(train, held-out) relative paths."""
+    files = list(files)
+    held = [f for f in files if is_held_out(f, percent)]
+    return [f for f in files if not is_held_out(f, percent)], held
+
+
+def read_texts(root: Path, files: Iterable[Path]) -> list[str]:
+    """File contents; files that are not UTF-8 are skipped."""
+    out = []
+    for rel in files:
+        try:
+            out.append((root / rel).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            continue
+    return out
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 4096):
+    """A byte-level BPE `tokenizers.Tokenizer`; ids 0-7 are the special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # No normalizer and a byte-level decoder: decode(encode(text)) == text exactly.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS + IMAGE_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_tokenizer(tok, folder: str | Path) -> None:
+    """tokenizer.json + tokenizer_config.json (special tokens named as released)."""
+    from tokenizers.processors import TemplateProcessing
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Like Gemma's: encoding with special tokens prepends <bos>.
+    tok.post_processor = TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+        "padding_side": "left",
+        "model_max_length": 1_000_000,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def pack(tok, texts: list[str]) -> np.ndarray:
+    """`<bos> text <eos>` for every text, concatenated as uint16."""
+    assert tok.get_vocab_size() <= 65536
+    parts = []
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        parts.append(np.asarray([BOS, *enc.ids, EOS], np.uint16))
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+
+
+def build(
+    out: str | Path,
+    root: Path | None = None,
+    vocab_size: int = 4096,
+    percent: int = HELD_OUT_PERCENT,
+) -> dict:
+    """Write tokenizer files, train.npy, heldout.npy and meta.json to `out`."""
+    root = stdlib_root() if root is None else Path(root)
+    out = Path(out)
+    train, held = split_files(source_files(root), percent)
+    train_texts, held_texts = read_texts(root, train), read_texts(root, held)
+    tok = train_tokenizer(train_texts, vocab_size)
+    save_tokenizer(tok, out)
+    streams = {"train": pack(tok, train_texts), "heldout": pack(tok, held_texts)}
+    for name, ids in streams.items():
+        np.save(out / f"{name}.npy", ids)
+    meta = {
+        "root": str(root),
+        "vocab_size": tok.get_vocab_size(),
+        "train_files": [f.as_posix() for f in train],
+        "heldout_files": [f.as_posix() for f in held],
+        "train_tokens": int(streams["train"].size),
+        "heldout_tokens": int(streams["heldout"].size),
+        "train_bytes": sum(len(t.encode()) for t in train_texts),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/corpus")
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--held-out-percent", type=int, default=HELD_OUT_PERCENT)
+    args = ap.parse_args(argv)
+    meta = build(args.out, vocab_size=args.vocab_size, percent=args.held_out_percent)
+    print(
+        f"{len(meta['train_files'])} train files ({meta['train_tokens']:,} tokens, "
+        f"{meta['train_bytes'] / meta['train_tokens']:.2f} bytes/token), "
+        f"{len(meta['heldout_files'])} held-out files "
+        f"({meta['heldout_tokens']:,} tokens) -> {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The training objective, corpus and export of the embedded model (tiny and fast)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import needs_mlx, needs_torch, needs_transformers
+
+pytestmark = [pytest.mark.torch, needs_torch]
+
+C, P, N = 8, 5, 4  # canvas, clean prefix, canvases: ids are [B, P + N*C]
+
+
+@pytest.fixture(scope="module")
+def torch_mod():
+    import torch
+
+    torch.set_num_threads(1)
+    return torch
+
+
+@pytest.fixture(scope="module")
+def model(torch_mod):
+    """A tiny model with weights large enough that every input matters."""
+    from cuda_backend import train
+
+    m = train.build_model(
+        train.model_config_dict("tiny", vocab_size=64, canvas_length=C), std=0.2
+    )
+    with torch_mod.no_grad():
+        for i, layer in enumerate(m.layers):  # the two modes must differ
+            layer.layer_scalar.fill_(0.6 + 0.1 * i)
+            layer.encoder_layer_scalar.fill_(1.2 - 0.1 * i)
+    return m
+
+
+def _ids(torch, seed: int, *shape: int):
+    return torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _decoder_logits(model, ids, noisy, sc=None):
+    import torch
+
+    from cuda_backend import train
+
+    with torch.no_grad():
+        _, prefixes = train.encoder_pass(model, ids)
+        return train.decoder_pass(model, noisy, prefixes, P, sc)
+
+
+def test_training_decoder_equals_inference_decode(torch_mod, model):
+    """Each folded canvas = the inference decoder after encoding its clean prefix,
+    with self-conditioning, and prefixes longer than the window (W = 8)."""
+    from cuda_backend.cache import Cache
+
+    torch = torch_mod
+    ids, noisy = _ids(torch, 0, 2, P + N * C), _ids(torch, 1, 2, N * C)
+    sc = torch.randn(2, N * C, 64, generator=torch.Generator().manual_seed(2))
+    got = _decoder_logits(model, ids, noisy, sc)
+    for b in range(N):
+        cache = Cache(model.config, 2, 64, "cpu", torch.float32)
+        model.encode(ids[:, : P + b * C], cache)
+        block = slice(b * C, (b + 1) * C)
+        want = model.decode(noisy[:, block], cache, sc[:, block])
+        diff = (got[:, block] - want).abs().max().item()
+        assert diff < 1e-4, f"canvas {b}: max diff {diff:.2e}"
+
+
+def test_block_mask_by_perturbation(torch_mod, model):
+    """Canvas b sees the clean tokens before it only: changing its own block's clean
+    tokens or any later ones leaves it unchanged; earlier ones change it."""
+    torch = torch_mod
+    ids, noisy = _ids(torch, 3, 1, P + N * C), _ids(torch, 4, 1, N * C)
+    base = _decoder_logits(model, ids, noisy)
+    b = 2
+    start = P + b * C
+    later = ids.clone()
+    later[:, start:] = (later[:, start:] + 1) % 64
+    out = _decoder_logits(model, later, noisy)
+    # (not bit-equal: other tokens' routing reorders the expert GEMM rows)
+    seen = slice(0, (b + 1) * C)
+    assert torch.allclose(out[:, seen], base[:, seen], atol=1e-5, rtol=0)
+    assert not torch.allclose(out[:, (b + 1) * C :], base[:, (b + 1) * C :])
+    for pos in (start - 1, 0):  # inside the window; seen by the full layers only
+        earlier = ids.clone()
+        earlier[:, pos] = (earlier[:, pos] + 1) % 64
+        out = _decoder_logits(model, earlier, noisy)
+        assert not torch.allclose(
+            out[:, b * C : (b + 1) * C], base[:, b * C : (b + 1) * C]
+        )
+
+
+def test_noise_levels_and_corruption(torch_mod):
+    from cuda_backend.train import noise_canvases
+
+    torch = torch_mod
+    target = torch.zeros(64, 32 * C, dtype=torch.long)
+    noisy, t = noise_canvases(target, C, 10_000, torch.Generator().manual_seed(0))
+    assert t.shape == (64, 32) and 0 <= t.min() and t.max() < 1
+    # stratified: one level per 1/(B*n) interval
+    hist = torch.histc(t, bins=16, min=0, max=1)
+    assert torch.all(hist == t.numel() / 16)
+    changed = (noisy != target).float().view(64, 32, C).mean(-1)
+    assert abs((changed - t).mean().item()) < 0.02
+
+
+def test_training_reduces_the_loss(torch_mod):
+    from cuda_backend import train
+
+    torch = torch_mod
+    m = train.build_model(
+        train.model_config_dict("tiny", vocab_size=64, canvas_length=C)
+    )
+    a = train.TrainArgs(lr=1e-2, warmup=0, min_lr_frac=1.0)
+    opt = train.make_optimizer(m, a)
+    obj = train.Objective(ar_weight=0.1)
+    balance = train.RouterBalance(m)
+    ids = torch.arange(P + N * C).repeat(4, 1) % 13 + 8  # a learnable pattern
+    losses = []
+    for _ in range(6):
+        gen = torch.Generator().manual_seed(0)  # the same noise every step
+        out = train._step(m, opt, (ids, P), obj, gen, balance, a, a.lr)
+        losses.append(float(out["diff"]))
+    balance.close()
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert 0.9 < float(out["lb"]) < 8.0
+
+
+# --------------------------------------------------------------------------------------
+# Corpus, checkpoints and export
+# --------------------------------------------------------------------------------------
+
+_FILES = {
+    "a.py": "def add(x, y):\n    return x + y\n" * 20,
+    "pkg/b.py": "class Thing:\n    def __init__(self):\n        self.n = 0\n" * 20,
+    "pkg/c.py": "import os\nprint(os.getcwd())  # é\n" * 20,
+    "test/t.py": "assert True\n",
+    "site-packages/s.py": "x = 1\n",
+    "encodings/e.py": "x = 2\n",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """A corpus built from a fake stdlib folder (every file trains: 0% held out,
+    then the held-out split reuses the train stream)."""
+    from cuda_backend import corpus
+
+    root = tmp_path_factory.mktemp("stdlib")
+    for rel, text in _FILES.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text, encoding="utf-8")
+    (root / "latin1.py").write_bytes(b"x = '\xe9'\n")  # not UTF-8: skipped
+    out = tmp_path_factory.mktemp("corpus")
+    meta = corpus.build(out, root=root, vocab_size=300, percent=0)
+    (out / "heldout.npy").write_bytes((out / "train.npy").read_bytes())
+    return out, meta
+
+
+def test_corpus_files_and_tokenizer(corpus_dir):
+    from mlx_diffgem.core.tokenizer import load_tokenizer
+
+    out, meta = corpus_dir
+    assert meta["train_files"] == ["a.py", "latin1.py", "pkg/b.py", "pkg/c.py"]
+    tok = load_tokenizer(out)
+    ids = tok.backend.encode(_FILES["pkg/c.py"], add_special_tokens=False).ids
+    assert tok.decode(ids) == _FILES["pkg/c.py"]
+    assert tok.backend.encode("x = 1").ids[0] == 2  # <bos> added, as Gemma's
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_ids) == (2, 0, [1])
+    names = [tok.backend.id_to_token(i) for i in range(5)]
+    assert names == ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    stream = np.load(out / "train.npy")
+    assert stream.dtype == np.uint16 and stream[0] == 2 and stream[-1] == 1
+    assert (stream == 2).sum() == (stream == 1).sum() == 3
+
+
+def test_stdlib_split_is_deterministic_and_disjoint():
+    from cuda_backend import corpus
+
+    files = corpus.source_files()
+    train, held = corpus.split_files(files)
+    # by file, not by position or order
+    assert corpus.split_files(files[::-1]) == (train[::-1], held[::-1])
+    assert not set(train) & set(held) and len(train) + len(held) == len(files)
+    assert 0.02 < len(held) / len(files) < 0.10
+    assert not any(corpus._excluded(f) for f in files)
+    assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
+
+
+def _tiny_args(corpus_dir, out, **kw):
+    from cuda_backend.train import TrainArgs
+
+    base = dict(
+        out=str(out),
+        data=str(corpus_dir),
+        preset="tiny",
+        canvas=C,
+        batch=2,
+        seq_len=40,
+        warmup=0,
+        min_lr_frac=1.0,  # a constant rate: the run length does not change it
+        eval_every=1000,
+        log_every=1000,
+        ar_weight=0.1,
+    )
+    return TrainArgs(**{**base, **kw})
+
+
+def test_resume_is_exact(corpus_dir, tmp_path, torch_mod):
+    from cuda_backend import train
+
+    torch = torch_mod
+    data, _ = corpus_dir
+    train.train(_tiny_args(data, tmp_path / "a", steps=4))
+    train.train(_tiny_args(data, tmp_path / "b", steps=2))
+    blob = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    args = dataclasses.replace(_tiny_args(data, tmp_path / "b"), steps=4)
+    assert train.train(args, blob).step == 4
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def exported(corpus_dir, tmp_path_factory, torch_mod):
+    from cuda_backend import train
+
+    data, _ = corpus_dir
+    run = tmp_path_factory.mktemp("run")
+    train.train(_tiny_args(data, run, steps=2))
+    return train.export(run, tmp_path_factory.mktemp("exported"))
+
+
+def test_export_layout(exported):
+    from mlx_diffgem.core.checkpoint import read_shapes
+
+    cfg = json.loads((exported / "config.json").read_text())
+    assert cfg["text_config"]["layer_types"][-1] == "full_attention"
+    assert "vision_config" in cfg and cfg["canvas_length"] == C
+    names = read_shapes([exported / "model.safetensors"])
+    assert all(
+        n.startswith(("model.decoder.", "model.encoder.language_model.layers."))
+        for n in names
+    )
+    assert "model.encoder.language_model.layers.0.layer_scalar" in names
+    assert Path(exported, "tokenizer.json").is_file()
+    assert Path(exported, "tokenizer_config.json").is_file()
+    gen = json.loads((exported / "generation_config.json").read_text())
+    assert gen["t_max"] == 0.8 and gen["max_denoising_steps"] == 48
+
+
+@needs_transformers
+@needs_mlx
+def test_export_loads_in_transformers_and_mlx(exported, torch_mod):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from mlx_diffgem.api import load, to_numpy
+
+    torch = torch_mod
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        str(exported), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+    model, tok = load(exported, backend="mlx")
+    text = "def add(x, y):\n    return x\n"
+    assert tok.decode(tok.encode(text)) == text
+    rng = np.random.default_rng(0)
+    V = hf.config.text_config.vocab_size
+    ids, canvas = rng.integers(8, V, (1, 13)), rng.integers(0, V, (1, C))
+    with torch.no_grad():
+        want = hf(
+            input_ids=torch.from_numpy(ids), decoder_input_ids=torch.from_numpy(canvas)
+        ).logits.numpy()
+    cache = model.new_cache(1)
+    model.encode(ids.astype(np.int32), cache)
+    got = to_numpy(model.decode(canvas.astype(np.int32), cache))
+    diff = np.abs(got - want).max()
+    assert diff < 1e-4, f"max diff {diff:.2e}"

@@ -154,7 +154,7 @@ def denoise_steps(
         passes=np.array(passes).astype(np.int64),
         state=CanvasState(canvas, sc, history, state.finished, draw_initial=False),
         step_stats={
-            "accepted": np.array(mx.stack(accepted, axis=0)),
-            "mean_entropy": np.array(mx.stack(entropies, axis=0)),
+            "accepted": np.stack([np.array(a) for a in accepted]),  # evaluated
+            "mean_entropy": np.stack([np.array(a) for a in entropies]),
         },
     )

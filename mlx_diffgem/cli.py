@@ -56,6 +56,19 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: run a suite, or build the report")
+    p.add_argument("tool", choices=["run", "report"], help="bench.run | bench.report")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's arguments")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    # The bench package ships with the project (pyproject packages: bench*).
+    from bench import report, run
+
+    return {"run": run.main, "report": report.main}[args.tool](args.rest)
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     keys = (
         "max_denoising_steps",
@@ -131,9 +144,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _convert_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"generate": run_generate, "convert": run_convert}[args.command](args)
-    except ValueError as e:  # our input errors are one-line ValueErrors
+        commands = {
+            "generate": run_generate,
+            "convert": run_convert,
+            "bench": run_bench,
+        }
+        return commands[args.command](args)
+    # Input errors, a missing model file or backend: one line, not a traceback.
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

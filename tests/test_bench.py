@@ -1,0 +1,207 @@
+"""The benchmark harness: records, the report, the sharded random checkpoint, spec."""
+
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+from conftest import HAS_MLX, HAS_TORCH, HAS_TRANSFORMERS
+
+from bench import checkpoints, report, run
+from mlx_diffgem import cli
+from mlx_diffgem.core.config import ModelConfig
+from mlx_diffgem.core.tiny import random_weights, tiny_config_dict
+
+BACKENDS = [b for b, ok in (("mlx", HAS_MLX), ("torch", HAS_TORCH)) if ok]
+
+
+def _run(tmp_path, *argv: str) -> dict:
+    out = tmp_path / "results"
+    args = [*argv, "--preset", "tiny", "--out", str(out)]
+    assert run.main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    (path,) = out.glob("*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_record_has_the_required_keys(tmp_path, backend):
+    rec = _run(
+        tmp_path,
+        "step",
+        "--backend",
+        backend,
+        "--context",
+        "12,20",
+        "--steps",
+        "5",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+    )
+    assert rec["schema"] == report.SCHEMA and rec["suite"] == "step"
+    assert rec["backend"] == backend and rec["dtype"] == "float32"
+    for k in ("platform", "os", "cpu", "cpu_count", "ram_gb", "accelerator", "threads"):
+        assert k in rec["machine"], k
+    for k in ("python", "numpy", "mlx", "torch", "transformers", "mlx_vlm"):
+        assert k in rec["versions"], k
+    assert {"sha", "dirty"} <= set(rec["git"])
+    model = rec["model"]
+    assert model["weights"] == "random" and model["preset"] == "tiny"
+    assert len(model["config_hash"]) == 12 and model["text_config"]["vocab_size"] == 128
+    assert "quantization" in rec and rec["settings"]["protocol"]
+    assert [r["context"] for r in rec["results"]] == [12, 20]
+    for r in rec["results"]:
+        s = r["step_ms"]
+        assert s["n"] == 2 * (5 - 3) and s["p10"] <= s["median"] <= s["p90"]
+        assert s["iqr"] >= 0 and r["decode_ms"]["median"] > 0
+    assert set(rec["summary"]["ms_per_step"]) == {"12", "20"}
+
+
+@pytest.mark.skipif(not (HAS_TORCH and HAS_TRANSFORMERS), reason="needs transformers")
+def test_peers_interleaves_ours_and_transformers(tmp_path):
+    rec = _run(
+        tmp_path,
+        "peers",
+        "--backend",
+        "torch",
+        "--context",
+        "10",
+        "--steps",
+        "5",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    )
+    (point,) = rec["results"]
+    assert rec["peers"]["transformers"]["status"] == "ok"
+    assert set(point["impls"]) == {"mlx_diffgem[torch]", "transformers"}
+    ratio = point["ratios"]["transformers"]["step_ours_over_peer"]
+    assert ratio == pytest.approx(
+        point["impls"]["mlx_diffgem[torch]"]["step_ms"]["median"]
+        / point["impls"]["transformers"]["step_ms"]["median"],
+        rel=1e-3,
+    )
+
+
+def test_spec_suite_is_a_clear_placeholder(tmp_path, capsys):
+    with pytest.raises(NotImplementedError, match="speculative decoding not impl"):
+        run.run(run._parser().parse_args(["spec"]))
+    assert run.main(["spec", "--out", str(tmp_path)]) == 2
+    assert "speculative decoding not implemented yet" in capsys.readouterr().err
+    assert cli.main(["bench", "run", "spec", "--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())  # no record is faked
+
+
+def _synthetic(accel: str, device: str, backend: str, suite: str, results: list):
+    return {
+        "schema": report.SCHEMA,
+        "suite": suite,
+        "created": "2026-01-01T00:00:00+00:00",
+        "machine": {
+            "accelerator": accel,
+            "cpu_count": 12,
+            "threads": {},
+            "loadavg": [0.5, 0.5, 0.5],
+        },
+        "git": {"sha": "0" * 40, "dirty": False},
+        "backend": backend,
+        "device": device,
+        "dtype": "bfloat16",
+        "quantization": None,
+        "model": {"preset": "mid"},
+        "settings": {"batch": 1},
+        "results": results,
+    }
+
+
+def _step(ctx: int, ms: float) -> dict:
+    return {"context": ctx, "batch": 1, "step_ms": {"median": ms}, "pct_of_floor": 25.0}
+
+
+def _gen(ctx: int, tps: float) -> dict:
+    return {
+        "context": ctx,
+        "tokens_per_s": tps,
+        "steps_per_canvas": 15.0,
+        "tokens_per_forward": 4.3,
+        "pct_of_floor": 30.0,
+    }
+
+
+def test_report_merges_two_devices(tmp_path):
+    recs = [
+        _synthetic(
+            "Apple M4 Max", "gpu", "mlx", "step", [_step(64, 40), _step(512, 45)]
+        ),
+        _synthetic("Apple M4 Max", "gpu", "mlx", "generate", [_gen(512, 120.5)]),
+        _synthetic("NVIDIA H100", "cuda", "torch", "step", [_step(512, 6.0)]),
+        _synthetic("NVIDIA H100", "cuda", "torch", "generate", [_gen(512, 900.0)]),
+    ]
+    src = tmp_path / "records"
+    src.mkdir()
+    for i, r in enumerate(recs):
+        (src / f"r{i}.json").write_text(json.dumps(r))
+    (src / "other.json").write_text(json.dumps({"benchmark": "step_hygiene"}))
+    table = report.main_table(report.load_records([src]))
+    assert "Apple M4 Max (gpu)" in table and "NVIDIA H100 (cuda)" in table
+    assert "120.5" in table and "900.0" in table and "45.00" in table
+    pytest.importorskip("matplotlib")
+    written = report.build([src], tmp_path / "out")
+    md = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "NVIDIA H100 (cuda)" in md and "step_vs_context.png" in md
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert len(pngs) == 2
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_tensor_specs_match_the_tiny_layout():
+    cfg = ModelConfig.from_dict(tiny_config_dict())
+    specs = {s.name: s.shape for s in checkpoints.tensor_specs(cfg)}
+    assert specs == {k: v.shape for k, v in random_weights(cfg).items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_writer_streams_and_loads(tmp_path, backend):
+    from mlx_diffgem import api
+
+    raw = tiny_config_dict(8, vocab_size=8192, hidden_size=64)
+    chunk = 32 * 1024
+    checkpoints.write_sharded(tmp_path / "warm", tiny_config_dict())  # lazy imports
+    tracemalloc.start()
+    path = checkpoints.write_sharded(
+        tmp_path, raw, dtype="bfloat16", shard_bytes=64 * 1024, chunk_bytes=chunk
+    )
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    total = index["metadata"]["total_size"]
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and total > 1_000_000
+    assert peak < 12 * chunk < total / 3  # one chunk at a time, not the model
+    model, _ = api.load(path, backend=backend, dtype="float32")
+    cache = model.new_cache(1)
+    model.encode(np.arange(5, 17, dtype=np.int32)[None], cache)
+    logits = np.asarray(api.to_numpy(model.decode(np.full((1, 8), 7), cache)))
+    assert logits.shape == (1, 8, 8192) and np.isfinite(logits).all()
+
+
+def test_floor_device_matches_the_chip_name():
+    from bench.record import floor_device
+
+    assert floor_device("Apple M4 Max").name == "M4 Max"
+    assert floor_device("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+    assert floor_device("NVIDIA GeForce RTX 4090").name == "RTX 4090"
+    assert floor_device("AMD EPYC") is None
+    assert floor_device("AMD EPYC", measured="here") == "here"
+
+
+def test_build_streams_a_sharded_preset_once(tmp_path, monkeypatch):
+    small = checkpoints.Preset(8, {"vocab_size": 512}, dtype="bfloat16", sharded=True)
+    monkeypatch.setitem(checkpoints.PRESETS, "small-sharded", small)
+    path = checkpoints.build("small-sharded", root=tmp_path)
+    assert (path / "model.safetensors.index.json").is_file()
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert checkpoints.build("small-sharded", root=tmp_path) == path  # reused
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp folders left

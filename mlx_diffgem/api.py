@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,20 +19,19 @@ from .core.tokenizer import (
     load_tokenizer,
 )
 
-DEFAULT_CACHE = Path(
-    os.environ.get("DIFFGEM_HOME", Path.home() / ".cache" / "mlx_diffgem")
-)
+ASSETS = Path(__file__).parent / "assets"
 
 
 def default_model_path() -> Path:
-    """The default model's folder.
-
-    Until the embedded trained model ships, this is a tiny random-weight checkpoint that
-    the package builds on first use (so its text is noise): see README.
-    """
-    from .core.tiny import build_tiny_default
-
-    return build_tiny_default(DEFAULT_CACHE / "tiny-random")
+    """The embedded default model's folder (a DiffusionGemma trained on the Python
+    standard library; see its README.md), shipped as package data."""
+    path = ASSETS / "default"
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{path}: the embedded model is missing from this install; reinstall "
+            "mlx-diffgem or pass a model path"
+        )
+    return path
 
 
 def load(

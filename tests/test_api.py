@@ -15,9 +15,9 @@ pytestmark = needs_mlx
 @pytest.fixture(scope="module")
 def default(tmp_path_factory):
     import mlx_diffgem as dg
-    from mlx_diffgem.core.tiny import build_tiny_default
+    from mlx_diffgem.core.tiny import build_tiny_with_tokenizer
 
-    path = build_tiny_default(tmp_path_factory.mktemp("home") / "tiny-random")
+    path = build_tiny_with_tokenizer(tmp_path_factory.mktemp("home") / "tiny-random")
     return dg.load(path)
 
 
@@ -112,12 +112,8 @@ def test_unknown_backend_and_drafter(tiny_path):
         dg.load(tiny_path, drafter="self")
 
 
-def _cli(*args, env_home):
-    env = {
-        "DIFFGEM_HOME": str(env_home),
-        "OMP_NUM_THREADS": "1",
-        "PATH": "/usr/bin:/bin",
-    }
+def _cli(*args):
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     return subprocess.run(
         [sys.executable, "-m", "mlx_diffgem", *args],
         capture_output=True,
@@ -127,13 +123,16 @@ def _cli(*args, env_home):
     )
 
 
-def test_cli_generate_prints_text_and_stats(tmp_path):
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_cli_generate_prints_text_and_stats(backend):
+    if backend == "torch":
+        pytest.importorskip("torch")
     out = _cli(
-        "generate", "--prompt", "def f(x):", "--max-tokens", "16", env_home=tmp_path
+        "generate", "--prompt", "def f(x):", "--max-tokens", "64", "--backend", backend
     )
     assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
     assert "tokens/forward" in out.stderr and "peak memory" in out.stderr
-    assert (tmp_path / "tiny-random" / "model.safetensors").is_file()
 
 
 def test_cli_bad_model_is_one_line(tmp_path):
@@ -143,7 +142,6 @@ def test_cli_bad_model_is_one_line(tmp_path):
         str(tmp_path / "nope"),
         "--prompt",
         "x",
-        env_home=tmp_path,
     )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "nope" in out.stderr

@@ -213,11 +213,10 @@ def build_char_tokenizer(path: str | Path, vocab_size: int = 128) -> Path:
     return path
 
 
-def build_tiny_default(path: str | Path) -> Path:
-    """The stand-in default model: tiny random weights + a character tokenizer.
+def build_tiny_with_tokenizer(path: str | Path) -> Path:
+    """Tiny random weights + a character tokenizer: a text model for tests.
 
-    Built once (atomically) and reused. Its output is random text: it only shows that
-    the pipeline runs until the trained embedded model ships.
+    Built once (atomically) and reused; its output is random text.
     """
     import os
     import tempfile

@@ -24,7 +24,8 @@ QUANTS = ("4bit", "8bit", "mixed", "int8")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers (e.g. contexts)."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch backend: cuda, cpu or mps")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, choices=QUANTS)
-    p.add_argument("--context", type=_ints, default=[512], help="e.g. 64,512,2048")
+    p.add_argument("--context", type=int_list, default=[512], help="e.g. 64,512,2048")
     p.add_argument("--canvas", type=int, default=None, help="canvas length override")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=8, help="steps per timed canvas")

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.run import int_list
 from mlx_diffgem import _blas
 from mlx_diffgem.backend import MLXTarget, load
 from mlx_diffgem.core.backend import CanvasState, DenoisePolicy
@@ -886,24 +887,12 @@ def _row(e: dict) -> list[float]:
     ]
 
 
-def _contexts(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers, got {text!r}"
-        )
-    return values
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.step_hygiene", description=__doc__.splitlines()[0]
     )
     p.add_argument("--shape", default="small", choices=sorted(SHAPES))
-    p.add_argument("--contexts", type=_contexts, default=[64, 512, 2048])
+    p.add_argument("--contexts", type=int_list, default=[64, 512, 2048])
     p.add_argument("--steps", type=int, default=8, help="denoising steps per canvas")
     p.add_argument("--repeats", type=int, default=5, help="timed canvases per impl")
     p.add_argument("--decode-reps", type=int, default=15, help="timed lone passes")

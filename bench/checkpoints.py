@@ -31,21 +31,12 @@ from typing import Any
 import numpy as np
 
 from mlx_diffgem.core import checkpoint
-from mlx_diffgem.core.config import FULL, SLIDING, ModelConfig
+from mlx_diffgem.core.config import FULL, RELEASE_GENERATION, SLIDING, ModelConfig
 from mlx_diffgem.core.tiny import build_tiny_checkpoint, tiny_config_dict
 
 from .cost import RELEASED_TEXT
 
-BENCH_GENERATION = {
-    "max_denoising_steps": 48,
-    "max_new_tokens": 256,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "t_max": 0.8,
-    "t_min": 0.4,
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
-    "pad_token_id": 0,
-}
+BENCH_GENERATION = {**RELEASE_GENERATION, "pad_token_id": 0}
 
 MID_TEXT = dict(
     vocab_size=8192,

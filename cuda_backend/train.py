@@ -47,34 +47,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlx_diffgem.core.checkpoint import internal_to_hf
-from mlx_diffgem.core.config import ModelConfig
-from mlx_diffgem.core.tiny import tiny_config_dict
+from mlx_diffgem.core.config import RELEASE_GENERATION, ModelConfig
+from mlx_diffgem.core.tiny import TINY_TEXT, tiny_config_dict
 
 from . import corpus
 from .model import Model, rms_norm
 
 # The release's sampler settings (spec §1.4); eos is ours (no turn tokens here).
 GENERATION = {
-    "max_denoising_steps": 48,
-    "max_new_tokens": 256,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "t_max": 0.8,
-    "t_min": 0.4,
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
+    **RELEASE_GENERATION,
     "eos_token_id": [corpus.EOS],
     "pad_token_id": corpus.PAD,
     "bos_token_id": corpus.BOS,
 }
 
-_ROPE = {
-    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-    "full_attention": {
-        "rope_type": "proportional",
-        "partial_rotary_factor": 0.25,
-        "rope_theta": 1000000.0,
-    },
-}
+_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "global_head_dim",
+    "num_global_key_value_heads",
+    "num_experts",
+    "top_k_experts",
+    "sliding_window",
+)
 
 # Text configs: the release's architecture at small scale (spec §1.3): 5 sliding
 # layers : 1 full, k == v full layers with their own head dim and one KV head, MoE
@@ -94,20 +94,8 @@ PRESETS = {
         top_k_experts=2,
         sliding_window=128,
     ),
-    "tiny": dict(
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        global_head_dim=16,
-        num_global_key_value_heads=1,
-        num_experts=4,
-        top_k_experts=2,
-        sliding_window=8,
-    ),
+    # core/tiny.py's parity-test model (its layer pattern is replaced below)
+    "tiny": {k: TINY_TEXT[k] for k in _SIZES},
 }
 
 
@@ -127,7 +115,6 @@ def model_config_dict(
     raw = tiny_config_dict(
         canvas_length,
         vocab_size=vocab_size,
-        rope_parameters=_ROPE,
         max_position_embeddings=131072,
         **text,
     )

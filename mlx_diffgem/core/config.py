@@ -261,6 +261,18 @@ def _per_layer_overrides(
 # Generation config
 # --------------------------------------------------------------------------------------
 
+# The released generation_config.json's sampler settings (spec §1.4), without the
+# tokenizer-specific eos/pad ids.
+RELEASE_GENERATION = {
+    "max_denoising_steps": 48,
+    "max_new_tokens": 256,
+    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+    "t_max": 0.8,
+    "t_min": 0.4,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+}
+
 # Settings that only make sense for autoregressive decoding: the reference raises.
 AR_ONLY = (
     "do_sample",

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import FULL, ModelConfig
+from .config import FULL, RELEASE_GENERATION, ModelConfig
 
 TINY_TEXT = dict(
     vocab_size=128,
@@ -67,13 +67,8 @@ TINY_VISION = dict(
 )
 
 TINY_GENERATION = {
-    "max_denoising_steps": 48,
+    **RELEASE_GENERATION,
     "max_new_tokens": 16,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "t_max": 0.8,
-    "t_min": 0.4,
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
     "eos_token_id": [1],
     "pad_token_id": 0,
 }

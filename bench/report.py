@@ -56,6 +56,12 @@ def device_label(rec: dict) -> str:
     return f"{name} ({rec['device']})"
 
 
+def backend_label(rec: dict) -> str:
+    """The backend, with the torch.compile mode when the run compiled the step."""
+    mode = rec.get("compile")
+    return rec["backend"] + (f"+compile({mode})" if mode else "")
+
+
 def precision(rec: dict) -> str:
     return rec.get("quantization") or rec["dtype"]
 
@@ -64,7 +70,7 @@ def key(rec: dict) -> tuple:
     return (
         rec["suite"],
         device_label(rec),
-        rec["backend"],
+        backend_label(rec),
         rec["model"]["preset"],
         precision(rec),
         rec["settings"]["batch"],
@@ -94,7 +100,7 @@ def _points(records: list[dict], suite: str) -> dict[tuple, dict]:
         if rec["suite"] != suite:
             continue
         for r in rec["results"]:
-            k = (device_label(rec), rec["backend"], rec["model"]["preset"])
+            k = (device_label(rec), backend_label(rec), rec["model"]["preset"])
             out[(*k, precision(rec), r["context"])] = r
     return out
 

@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch backend: cuda, cpu or mps")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, choices=QUANTS)
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        help="torch backend: torch.compile the step (the warmup repeats compile)",
+    )
     p.add_argument("--context", type=int_list, default=[512], help="e.g. 64,512,2048")
     p.add_argument("--canvas", type=int, default=None, help="canvas length override")
     p.add_argument("--batch", type=int, default=1)
@@ -90,6 +98,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--peers: expected transformers and/or mlx_vlm, got {args.peers}")
     if args.device and args.backend != "torch":
         p.error("--device: only for the torch backend")
+    if args.compile and args.backend != "torch":
+        p.error("--compile: only for the torch backend")
+    if args.compile and args.warmup < 1:
+        p.error("--compile: needs --warmup >= 1 (compilation is not timed)")
 
 
 def _set_threads(n: int | None) -> None:
@@ -133,6 +145,7 @@ def _record(suites, args: argparse.Namespace) -> dict:
         device=s.device,
         dtype=s.dtype,
         quantization=args.quantization,
+        compile=args.compile,
         model=s.model,
         settings=_settings(args),
         measured_machine=s.measured,
@@ -200,7 +213,8 @@ def summary(rec: dict) -> dict:
     }
     return {
         "suite": rec["suite"],
-        "backend": rec["backend"],
+        "backend": rec["backend"]
+        + (f" (compile {rec['compile']})" if rec.get("compile") else ""),
         "preset": rec["model"]["preset"],
         "device": f"{rec['machine']['accelerator']} [{rec['device']}]",
         unit.get(rec["suite"], "ratio_ours_over_peer"): {

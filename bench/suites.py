@@ -96,6 +96,8 @@ def setup(args: argparse.Namespace) -> Setup:
         args.preset, root=args.checkpoint_dir, seed=args.seed, canvas=args.canvas
     )
     opts = {"device": args.device} if args.device else {}
+    if args.compile:
+        opts["compile"] = args.compile
     target, _ = api.load(
         path,
         backend=args.backend,

@@ -29,6 +29,8 @@ from mlx_diffgem.core.noise import NoiseSource
 from . import canvas as _canvas
 from . import quantize
 from .cache import Cache
+from .compile import check_mode as check_compile
+from .compile import compile_model
 from .model import Model
 
 DTYPES = {
@@ -185,7 +187,7 @@ def load(
     quantization: dict | str | None = None,
     device: str | torch.device | None = None,
     max_len: int = DEFAULT_MAX_LEN,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> TorchTarget:
     """Load a DiffusionGemma checkpoint (Hugging Face layout) with PyTorch.
 
@@ -195,8 +197,10 @@ def load(
         quantization: "int8" (or {"bits": 8}): weight-only int8, see quantize.py.
         device: "cuda" | "cpu" | "mps" (default: cuda if available, else cpu).
         max_len: initial K/V capacity of the full-attention layers (grows as needed).
-        compile: run the decoder pass through `torch.compile` (dynamic shapes: one
-            graph for every cache length). Costs a minute of compilation up front.
+        compile: run the decoder pass and the sampler step through `torch.compile`
+            (dynamic shapes: one graph for every cache length): True = mode
+            "default", or a torch.compile mode; "reduce-overhead" adds CUDA graphs
+            on CUDA (see compile.py). Compiles on the first step (tens of seconds).
     """
     dev = _device(device)
     dtype = dtype or default_dtype(dev)
@@ -204,6 +208,7 @@ def load(
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     if quantization is not None:
         quantize.check_mode(quantization)
+    mode = check_compile(compile)
     folder = checkpoint.resolve(path)
     config = checkpoint.load_config(folder)
     if config.quantization:
@@ -220,7 +225,7 @@ def load(
     model.eval().requires_grad_(False)
     if quantization is not None:
         quantize.quantize_model(model, quantization)
-    if compile:
-        model.decode = torch.compile(model.decode, dynamic=True)
+    if mode is not None:
+        compile_model(model, mode)
     gen = checkpoint.load_generation_config(folder, config)
     return TorchTarget(model, config, gen, folder, max_len)

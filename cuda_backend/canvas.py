@@ -19,7 +19,8 @@ import torch
 from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy, StepView
 from mlx_diffgem.core.noise import NoiseSource
 
-from .sampling import accept_mask, entropy, renoise, sample_tokens, stop_update
+from . import sampling
+from .sampling import accept_mask, renoise, sample_tokens, stop_update
 
 
 def _generator(noise: NoiseSource, device: torch.device) -> torch.Generator:
@@ -89,7 +90,6 @@ def denoise(
         on_step(view)
 
 
-@torch.inference_mode()
 def denoise_steps(
     model,
     state: CanvasState,
@@ -100,6 +100,13 @@ def denoise_steps(
 ) -> Generator[StepView, None, CanvasResult]:
     """`denoise` as a generator: yields the live argmax canvas after each step when
     `views` (one extra host copy per step) and returns the CanvasResult."""
+    # The torch context decorators keep their mode off while the generator is paused.
+    steps = model.grad_off()(_denoise_steps)
+    return steps(model, state, cache, policy, noise, views)
+
+
+def _denoise_steps(model, state, cache, policy, noise, views):
+    score = getattr(model, "score", sampling.score)  # compiled by compile_model
     B, C, dev = cache.batch_size, model.config.canvas_length, cache.device
     canvas = _start(model, state, noise, (B, C), dev)
     sc, history, argmax = state.self_conditioning, state.history, canvas
@@ -117,10 +124,9 @@ def denoise_steps(
     any_done, accepted, entropies, steps = False, [], [], 0
     for n in range(N, 0, -1):
         passes += (~(done | finished)).int()
-        z = model.decode(canvas, cache, sc).div_(temps[N - n])  # 1-2
+        z = model.decode(canvas, cache, sc)  # 1
+        new_arg, h = score(z, temps[N - n])  # 2: z is now z / T(n)
         draft = draw_sample(noise, z)
-        new_arg = torch.argmax(z, dim=-1)
-        h = entropy(z)
         keep = accept_mask(h, policy.entropy_bound)  # 3
         new_canvas = renoise(
             keep, draft, draw_uniform(noise, "renoise", (B, C), z.shape[-1], dev)

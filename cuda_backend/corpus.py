@@ -144,13 +144,23 @@ def build(
     root: Path | None = None,
     vocab_size: int = 4096,
     percent: int = HELD_OUT_PERCENT,
+    tokenizer: str | Path | None = None,
 ) -> dict:
-    """Write tokenizer files, train.npy, heldout.npy and meta.json to `out`."""
+    """Write tokenizer files, train.npy, heldout.npy and meta.json to `out`.
+
+    `tokenizer` (a tokenizer.json) is used as is instead of training one: a run that
+    continues a shipped model must encode the corpus with that model's tokenizer.
+    """
     root = stdlib_root() if root is None else Path(root)
     out = Path(out)
     train, held = split_files(source_files(root), percent)
     train_texts, held_texts = read_texts(root, train), read_texts(root, held)
-    tok = train_tokenizer(train_texts, vocab_size)
+    if tokenizer is None:
+        tok = train_tokenizer(train_texts, vocab_size)
+    else:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer))
     save_tokenizer(tok, out)
     streams = {"train": pack(tok, train_texts), "heldout": pack(tok, held_texts)}
     for name, ids in streams.items():
@@ -173,8 +183,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/corpus")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--held-out-percent", type=int, default=HELD_OUT_PERCENT)
+    ap.add_argument("--tokenizer", help="a tokenizer.json to use instead of training")
     args = ap.parse_args(argv)
-    meta = build(args.out, vocab_size=args.vocab_size, percent=args.held_out_percent)
+    meta = build(
+        args.out,
+        vocab_size=args.vocab_size,
+        percent=args.held_out_percent,
+        tokenizer=args.tokenizer,
+    )
     print(
         f"{len(meta['train_files'])} train files ({meta['train_tokens']:,} tokens, "
         f"{meta['train_bytes'] / meta['train_tokens']:.2f} bytes/token), "

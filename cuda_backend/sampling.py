@@ -20,6 +20,15 @@ def entropy(z: torch.Tensor) -> torch.Tensor:
     return -logp.exp().mul_(logp).sum(dim=-1)
 
 
+def score(z: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Divide the logits by the step's temperature in place; (argmax, entropy) [B, C].
+
+    One pass over [B, C, V] when `compile.compile_model` fuses it.
+    """
+    z = z.div_(temperature)
+    return torch.argmax(z, dim=-1), entropy(z)
+
+
 def accept_mask(h: torch.Tensor, bound: float) -> torch.Tensor:
     """Entropy-bound acceptance: keep the k lowest-entropy positions with
     sum(H_1..H_k) - max(H_1..H_k) <= bound (at least one per row). [B, C] -> bool."""

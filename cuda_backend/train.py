@@ -480,13 +480,23 @@ class TrainArgs:
     seed: int = 0
     threads: int = 1
     device: str = "cpu"
+    init: str = ""  # a model folder (release layout) to continue from
+    minutes: float = 0.0  # > 0: train this long; the cosine follows the time
 
 
-def lr_at(step: int, a: TrainArgs) -> float:
-    """Linear warmup, then cosine down to min_lr_frac * lr at `a.steps`."""
+def progress(step: int, elapsed: float, a: TrainArgs) -> float:
+    """How far the run is, 0..1: by steps, or by training time when that is further."""
+    frac = (step - a.warmup) / max(1, a.steps - a.warmup)
+    if a.minutes > 0:
+        frac = max(frac, elapsed / (60.0 * a.minutes))
+    return min(1.0, max(0.0, frac))
+
+
+def lr_at(step: int, a: TrainArgs, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine down to min_lr_frac * lr at the end of the run."""
     if step < a.warmup:
         return a.lr * (step + 1) / a.warmup
-    frac = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
+    frac = progress(step, elapsed, a)
     return a.lr * (
         a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac))
     )
@@ -530,6 +540,7 @@ class RunState:
     step: int = 0
     elapsed: float = 0.0  # training seconds over all sessions
     tokens: int = 0
+    best: float = math.inf  # lowest held-out diffusion loss, kept as best.pt
     history: list = dataclasses.field(default_factory=list)
 
 
@@ -597,12 +608,17 @@ class _Meter:
 
 def _start(a: TrainArgs, blob: dict | None):
     """(raw config, model, optimizer, RunState, (numpy rng, torch generator))."""
-    if blob is None:
+    if blob is not None:
+        raw = blob["config"]
+    elif a.init:
+        raw = json.loads((Path(a.init) / "config.json").read_text())
+    else:
         vocab = json.loads((Path(a.data) / "meta.json").read_text())["vocab_size"]
         raw = model_config_dict(a.preset, vocab_size=vocab, canvas_length=a.canvas)
-    else:
-        raw = blob["config"]
-    model = build_model(raw, seed=a.seed).to(a.device)
+    model = build_model(raw, seed=a.seed)
+    if blob is None and a.init:
+        model.load_state_dict(load_weights(a.init))
+    model = model.to(a.device)
     opt = make_optimizer(model, a)
     rngs = (np.random.default_rng(a.seed), torch.Generator().manual_seed(a.seed))
     st = RunState()
@@ -613,6 +629,35 @@ def _start(a: TrainArgs, blob: dict | None):
         rngs[1].set_state(blob["torch_gen"])
         st = RunState(**blob["state"])
     return raw, model, opt, st, rngs
+
+
+def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """A release-layout folder's weights as fp32 training state (internal names)."""
+    from safetensors.torch import load_file
+
+    from mlx_diffgem.core.checkpoint import hf_to_internal, weight_files
+
+    out = {}
+    for f in weight_files(Path(folder)):
+        for k, v in load_file(str(f)).items():
+            name = hf_to_internal(k)
+            if name is not None:
+                out[name] = v.float()
+    return out
+
+
+def check_tokenizer(data: str | Path, init: str | Path) -> None:
+    """The corpus must be encoded with the tokenizer of the model it continues."""
+    from tokenizers import Tokenizer
+
+    ours = Tokenizer.from_file(str(Path(data) / "tokenizer.json")).get_vocab()
+    theirs = Tokenizer.from_file(str(Path(init) / "tokenizer.json")).get_vocab()
+    if ours != theirs:
+        raise ValueError(
+            f"{data}/tokenizer.json differs from {init}/tokenizer.json: rebuild the "
+            f"corpus with python -m cuda_backend.corpus --out {data} "
+            f"--tokenizer {init}/tokenizer.json"
+        )
 
 
 def _step(model, opt, batch, obj, gen, balance, a: TrainArgs, lr: float) -> dict:
@@ -643,20 +688,24 @@ def train(a: TrainArgs, blob: dict | None = None) -> RunState:
     balance, meter, C = RouterBalance(model), _Meter(), model.config.canvas_length
     last_save, ckpt = time.time(), out / "last.pt"
     try:
-        while st.step < a.steps:
-            t0, lr = time.time(), lr_at(st.step, a)
+        done = st.step >= a.steps
+        while not done:
+            t0, lr = time.time(), lr_at(st.step, a, st.elapsed)
             batch = draw_batch(train_w, rngs[0], a.batch, C)
             losses = _step(model, opt, batch, obj, rngs[1], balance, a, lr)
             st.step += 1
             dt = time.time() - t0
             st.elapsed, st.tokens = st.elapsed + dt, st.tokens + batch[0].numel()
             meter.add(losses, batch[0].numel(), dt)
-            done = st.step == a.steps
+            done = st.step >= a.steps or progress(st.step, st.elapsed, a) >= 1.0
             if st.step % a.log_every == 0 or done:
                 _log(st, a, meter.record(st.step, lr), out / "metrics.jsonl")
             if st.step % a.eval_every == 0 or done:
                 rec = evaluate(model, held_w, a, obj)
                 _log(st, a, dict(rec, kind="eval", step=st.step), out / "metrics.jsonl")
+                if rec["diff"] < st.best:
+                    st.best = rec["diff"]
+                    save_checkpoint(out / "best.pt", model, opt, a, raw, st, rngs)
             if time.time() - last_save >= a.ckpt_every_s or done:
                 save_checkpoint(ckpt, model, opt, a, raw, st, rngs)
                 last_save = time.time()
@@ -671,15 +720,17 @@ def train(a: TrainArgs, blob: dict | None = None) -> RunState:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def export(run: str | Path, dest: str | Path, dtype: str = "float32") -> Path:
-    """Write the run's latest checkpoint as a Hugging Face model folder."""
+def export(
+    run: str | Path, dest: str | Path, dtype: str = "float32", which: str = "last"
+) -> Path:
+    """Write the run's `which` checkpoint (last or best) as a Hugging Face folder."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
     from mlx_diffgem.core.checkpoint import check_checkpoint
 
     run, dest = Path(run), Path(dest)
-    blob = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    blob = torch.load(run / f"{which}.pt", map_location="cpu", weights_only=False)
     raw = dict(blob["config"], dtype=dtype)
     model = build_model(raw)
     model.load_state_dict(blob["model"])
@@ -706,6 +757,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="continue OUT/last.pt")
     ap.add_argument("--export", metavar="DIR", help="write OUT/last.pt as a model")
     ap.add_argument("--export-dtype", default="float32", choices=sorted(_DTYPES))
+    ap.add_argument(
+        "--export-which",
+        default="last",
+        choices=["last", "best"],
+        help="the latest checkpoint or the one with the lowest held-out loss",
+    )
     return ap.parse_args(argv)
 
 
@@ -717,7 +774,8 @@ def main(argv: list[str] | None = None) -> None:
     given = {k: v for k, v in vars(ns).items() if k in names and v is not None}
     out = Path(given.get("out", TrainArgs.out))
     if ns.export:
-        print(f"exported {export(out, ns.export, ns.export_dtype)}")
+        path = export(out, ns.export, ns.export_dtype, ns.export_which)
+        print(f"exported {path}")
         return
     blob = None
     if ns.resume:
@@ -728,7 +786,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{out / 'last.pt'} exists: pass --resume, or another --out")
         a = TrainArgs(**given)
     if not (Path(a.data) / "meta.json").is_file():
-        corpus.build(a.data)
+        tok = Path(a.init) / "tokenizer.json" if a.init else None
+        corpus.build(a.data, tokenizer=tok)
+    if a.init:
+        check_tokenizer(a.data, a.init)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     train(a, blob)
 

@@ -14,6 +14,15 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--backend", default="mlx", choices=["mlx", "torch"])
     p.add_argument("--device", default=None, help="torch backend: cuda, cpu or mps")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="MODE",
+        help="torch backend: torch.compile the step (MODE: a torch.compile mode, "
+        "e.g. reduce-overhead for CUDA graphs)",
+    )
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument(
@@ -85,6 +94,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from . import api
 
     opts = {"device": args.device} if args.device else {}
+    if args.compile is not None:
+        opts["compile"] = args.compile
     model, tokenizer = api.load(
         args.model, backend=args.backend, dtype=args.dtype, **opts
     )

@@ -33,7 +33,6 @@ _SPEC_HINT = (
     "expected '4bit', '8bit', 'mixed' or "
     "{'bits': 4|8, 'group_size': 32|64|128, 'recipe': None|'mixed'}"
 )
-_EXPERT_WEIGHT = re.compile(r"(.*\.experts\.(?:gate_up|down)_proj)\.weight")
 _EXPERT = re.compile(r"(layers\.\d+\.experts\.)(gate_up_proj|down_proj)(\.\w+)?")
 _VLM_EXPERT = re.compile(r"(layers\.\d+\.experts\.)(gate|up|down)_proj")
 
@@ -170,8 +169,6 @@ def _checkpoint_names(weights: dict, source: str) -> dict:
         internal = checkpoint.hf_to_internal(name)
         if internal is None:
             continue  # vision
-        if m := _EXPERT_WEIGHT.fullmatch(internal):  # MLX layout: `.weight` suffix
-            internal = m[1]
         if internal in out:
             raise CheckpointError(f"{source}: tensor {name} is stored twice")
         out[internal] = value

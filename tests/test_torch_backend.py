@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import needs_torch, needs_transformers
+from conftest import needs_mlx, needs_torch, needs_transformers
 
 torch = pytest.importorskip("torch")
 
@@ -531,6 +531,24 @@ def test_target_protocol_and_errors(target, tiny_path):
     target.sync()
 
 
+@needs_mlx
+def test_loads_an_unquantized_mlx_conversion(tiny_path, target, tmp_path):
+    """`diffgem convert` without quantization writes the experts as `.weight`: the
+    torch backend reads them as the HF tensors, the same values bit for bit."""
+    from cuda_backend.backend import load
+    from mlx_diffgem.convert import convert
+
+    out = convert(tiny_path, tmp_path / "mlx", dtype="float32")
+    converted = load(out, device="cpu")
+    ids, canvas = _ids(43, (1, 12)), _ids(44, (1, 8), 0)
+    got = []
+    for model in (converted, target):
+        cache = model.new_cache(1)
+        model.encode(ids, cache)
+        got.append(model.decode(canvas, cache).numpy())
+    assert np.array_equal(got[0], got[1])
+
+
 # --------------------------------------------------------------------------------------
 # Weight-only int8, torch.compile
 # --------------------------------------------------------------------------------------
@@ -577,20 +595,46 @@ def test_int8_load_and_generate(tiny_path):
         load(tiny_path, device="cpu", quantization={"bits": 4, "group_size": 64})
 
 
-@pytest.mark.slow
-def test_compiled_decoder_matches_eager(tiny_path, target):
+def test_compiled_step_matches_eager(tiny_path, target):
+    """compile=True: the decoder is one graph (no breaks, so no host syncs), the
+    cache can grow without recompiling, and generation gives the eager tokens."""
     from cuda_backend.backend import load
+    from mlx_diffgem.core.generate import generate_ids
 
-    compiled = load(tiny_path, device="cpu", compile=True)
+    # "reduce-overhead" takes the CUDA-graph branch on CUDA; on CPU it compiles as
+    # "default", so this runs the same code path here.
+    compiled = load(tiny_path, device="cpu", compile="reduce-overhead")
+    assert compiled.model.compiled and not target.model.compiled
     ids, canvas = _ids(41, (2, 13)), _ids(42, (2, 8), 0)
+    got = {}
     for model in (target, compiled):
         cache = model.new_cache(2)
         model.encode(ids, cache)
         first = model.decode(canvas, cache)
-        model.encode(canvas, cache)  # a new cache length: no recompilation needed
-        second = model.decode(canvas, cache)
-        if model is target:
-            want = (first, second)
+        model.encode(canvas, cache)  # a new cache length
+        got[model is compiled] = (first, model.decode(canvas, cache))
     # Inductor fuses differently: float32 rounding only.
-    assert_close(first, want[0], tol=1e-3)
-    assert_close(second, want[1], tol=1e-3)
+    assert_close(got[True][0], got[False][0], tol=1e-3)
+    assert_close(got[True][1], got[False][1], tol=1e-3)
+
+    cache = compiled.new_cache(2)
+    compiled.encode(ids, cache)
+    t = torch.as_tensor(canvas).long()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(type(compiled.model).decode)(
+            compiled.model, t, cache, None
+        )
+    assert explained.graph_break_count == 0
+
+    prompt = _ids(45, (1, 9))
+    kw = dict(seed=3, max_new_tokens=24)
+    want, _ = generate_ids(target, prompt, **kw)
+    seqs, stats = generate_ids(compiled, prompt, **kw)
+    assert np.array_equal(seqs, want) and stats.canvases == 3
+
+
+def test_compile_argument_errors(tiny_path):
+    from cuda_backend.backend import load
+
+    with pytest.raises(ValueError, match="compile: expected True, False or one of"):
+        load(tiny_path, device="cpu", compile="fast")

@@ -278,3 +278,43 @@ def test_export_loads_in_transformers_and_mlx(exported, torch_mod):
     got = to_numpy(model.decode(canvas.astype(np.int32), cache))
     diff = np.abs(got - want).max()
     assert diff < 1e-4, f"max diff {diff:.2e}"
+
+
+def test_init_continues_an_exported_model(exported, corpus_dir, tmp_path, torch_mod):
+    """--init: the run starts from the folder's weights (config from its config.json),
+    and refuses a corpus encoded with another tokenizer."""
+    from cuda_backend import corpus, train
+
+    data, _ = corpus_dir
+    # The exported run used this corpus' tokenizer: the same vocabulary passes.
+    train.check_tokenizer(data, exported)
+    state = train.load_weights(exported)
+    args = _tiny_args(data, tmp_path / "init", steps=1, init=str(exported), lr=0.0)
+    train.train(args)
+    blob = torch_mod.load(tmp_path / "init" / "last.pt", weights_only=False)
+    assert blob["config"] == json.loads((exported / "config.json").read_text())
+    for k, v in state.items():  # lr 0: one step leaves the loaded weights as they are
+        assert torch_mod.equal(blob["model"][k], v), k
+
+    other = tmp_path / "other"
+    corpus.save_tokenizer(corpus.train_tokenizer(["zzz yyy"] * 50, 270), other)
+    with pytest.raises(ValueError, match="differs from"):
+        train.check_tokenizer(other, exported)
+
+
+def test_time_budget_schedule_and_best_checkpoint(corpus_dir, tmp_path, torch_mod):
+    from cuda_backend import train
+
+    data, _ = corpus_dir
+    a = _tiny_args(data, tmp_path, steps=100, warmup=10, minutes=1.0, min_lr_frac=0.1)
+    assert train.progress(55, 0.0, a) == pytest.approx(0.5)  # by steps
+    assert train.progress(20, 45.0, a) == pytest.approx(0.75)  # by time, further
+    assert train.lr_at(5, a, 59.0) == pytest.approx(a.lr * 0.6)  # warmup first
+    assert train.lr_at(20, a, 60.0) == pytest.approx(a.lr * 0.1)  # the end
+    # A run stops when its time is spent, whatever the step budget.
+    st = train.train(
+        _tiny_args(data, tmp_path / "t", steps=10**6, minutes=1e-9, eval_every=1)
+    )
+    assert st.step == 1 and np.isfinite(st.best)
+    out = train.export(tmp_path / "t", tmp_path / "best", which="best")
+    assert (out / "model.safetensors").is_file()

@@ -34,6 +34,8 @@ _ENCODER_SCALAR = re.compile(
     r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar"
 )
 _DROPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+# MLX conversions (ours and mlx-vlm's) put `.weight` on the fused expert tensors.
+_MLX_EXPERT_WEIGHT = re.compile(r"(.*\.experts\.(?:gate_up|down)_proj)\.weight")
 # MLX quantization stores these next to each packed weight.
 _QUANT_SIDE_SUFFIXES = (".scales", ".biases")
 
@@ -191,11 +193,14 @@ def hf_to_internal(name: str) -> str | None:
     """Internal tensor name for a checkpoint name, or None for dropped (vision) tensors.
 
     Internal names are the decoder names without the `model.decoder.` prefix, plus
-    `layers.{i}.encoder_layer_scalar`. Unknown names come back unchanged so that the
-    shape check can report them as unexpected.
+    `layers.{i}.encoder_layer_scalar`; the MLX layout's `experts.*_proj.weight` maps
+    to the same name as the bare HF tensor. Unknown names come back unchanged so that
+    the shape check can report them as unexpected.
     """
     if name.startswith("model.decoder."):
-        return name[len("model.decoder.") :]
+        name = name[len("model.decoder.") :]
+        m = _MLX_EXPERT_WEIGHT.fullmatch(name)
+        return m[1] if m else name
     m = _ENCODER_SCALAR.fullmatch(name)
     if m:
         return f"layers.{m.group(1)}.encoder_layer_scalar"

@@ -130,11 +130,16 @@ def main_table(records: list[dict]) -> str:
     return _md(header, rows)
 
 
+def _ours(point: dict) -> str:
+    """The name of our implementation among a peers point's implementations."""
+    return next(k for k in point["impls"] if k.startswith("mlx_diffgem["))
+
+
 def peers_table(records: list[dict]) -> str:
     """Per-step time of ours vs each peer, same process, interleaved."""
     rows = []
     for (dev, backend, preset, prec, ctx), r in _points(records, "peers").items():
-        ours = r["impls"][f"mlx_diffgem[{backend}]"]["step_ms"]
+        ours = r["impls"][_ours(r)]["step_ms"]
         for peer, ratio in r["ratios"].items():
             theirs = r["impls"][peer]["step_ms"]
             lo, hi = ratio["paired_min_max"]
@@ -171,8 +176,9 @@ def step_series(records: list[dict]) -> dict[tuple, dict[int, float]]:
         if r["batch"] == 1:
             impl = f"mlx_diffgem[{backend}], step suite ({prec})"
             out.setdefault((dev, impl, preset), {})[ctx] = r["step_ms"]["median"]
-    for (dev, _, preset, prec, ctx), r in _points(records, "peers").items():
+    for (dev, backend, preset, prec, ctx), r in _points(records, "peers").items():
         for name, e in r["impls"].items():
+            name = f"mlx_diffgem[{backend}]" if name == _ours(r) else name
             impl = f"{name}, peers suite ({prec})"
             out.setdefault((dev, impl, preset), {})[ctx] = e["step_ms"]["median"]
     return out

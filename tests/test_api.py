@@ -135,6 +135,12 @@ def test_cli_generate_prints_text_and_stats(backend):
     assert "tokens/forward" in out.stderr and "peak memory" in out.stderr
 
 
+def test_cli_compile_is_for_torch_only():
+    out = _cli("generate", "--compile", "--prompt", "x")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "'compile' for the mlx backend" in out.stderr
+
+
 def test_cli_bad_model_is_one_line(tmp_path):
     out = _cli(
         "generate",

@@ -631,6 +631,16 @@ def test_compiled_step_matches_eager(tiny_path, target):
     want, _ = generate_ids(target, prompt, **kw)
     seqs, stats = generate_ids(compiled, prompt, **kw)
     assert np.array_equal(seqs, want) and stats.canvases == 3
+    # A few variants get their own graph (self-conditioning or not, cache states
+    # before and after the sliding window fills); after that, other prompt lengths
+    # and more canvases (every cache length) reuse them.
+    from torch._dynamo.utils import counters
+
+    generate_ids(compiled, _ids(46, (1, 30)), seed=4, max_new_tokens=40)
+    graphs = counters["stats"]["unique_graphs"]
+    for n, new in ((60, 48), (3, 8), (17, 24)):
+        generate_ids(compiled, _ids(n, (1, n)), seed=5, max_new_tokens=new)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_compile_argument_errors(tiny_path):

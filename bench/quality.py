@@ -8,7 +8,11 @@
    and the fraction of completions that parse with `ast` once cut at the function's end.
 3. Five completions, verbatim.
 
-    python -m bench.quality --model mlx_diffgem/assets/default --json-out q.json
+    python -m bench.quality --model mlx_diffgem/assets/default --json-out q.json \
+        --card mlx_diffgem/assets/default/README.md
+
+`--card` rewrites the model card's figures between its `<!-- quality:start -->` and
+`<!-- quality:end -->` markers from the record, so the card never drifts from it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 HEADER = re.compile(r"^(\s*)def \w+\(.*\)(\s*->\s*[^:]+)?:\s*$")
+SCHEMA = "mlx-diffgem-quality/1"
+CARD_START, CARD_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
 def unigram_entropy(stream: np.ndarray, vocab: int) -> float:
@@ -137,8 +143,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
+    p.add_argument("--card", default=None, help="model card to update (markers)")
     a = p.parse_args(argv)
-    return run(a)
+    record = run(a)
+    if a.card:
+        update_card(a.card, record)
+    return record
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -156,7 +166,20 @@ def run(a: argparse.Namespace) -> dict:
     root = corpus.stdlib_root()
     _, held = corpus.split_files(corpus.source_files(root))
     prompts = function_prompts(corpus.read_texts(root, held), a.prompts, a.seed)
+    from . import record as rec
+
     record = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "machine": rec.machine("cpu"),
+        "versions": rec.versions(),
+        "git": rec.git(),
+        "settings": {
+            "prompts": a.prompts,
+            "max_tokens": a.max_tokens,
+            "seed": a.seed,
+            "levels": list(levels),
+        },
         "model": str(path),
         "backend": a.backend,
         "heldout_tokens": int(len(stream)),
@@ -169,6 +192,63 @@ def run(a: argparse.Namespace) -> dict:
         Path(a.json_out).write_text(text + "\n")
     print(text)
     return record
+
+
+def card_section(record: dict) -> str:
+    """The model card's figures (markdown) from a quality record."""
+    ce, nat = record["denoising_ce"], record["native"]
+    lines = [
+        "Held-out denoising cross-entropy (nats/token) by noise level, one decoder "
+        "pass without",
+        "self-conditioning and the two-pass self-conditioned one; the unigram entropy "
+        "of the",
+        f"held-out tokens is **{record['unigram_entropy']:.3f}** nats:",
+        "",
+        "| noise level | CE, no SC | CE, with SC |",
+        "| --- | --- | --- |",
+        *(f"| {t} | {v['no_sc']:.3f} | {v['sc']:.3f} |" for t, v in ce.items()),
+        "",
+        f"Native decoding ({record['backend']} backend, release sampler settings, "
+        f"{nat['prompts']} held-out function",
+        "headers with up to 30 lines of context, "
+        f"{record.get('settings', {}).get('max_tokens', 128)} new tokens each):",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| steps per canvas | {nat['steps_per_canvas']:.1f} |",
+        f"| tokens per forward | {nat['tokens_per_forward']:.2f} |",
+        "| completions that parse with `ast` once cut at the function's end | "
+        f"{nat['parse_rate']:.0%} ({round(nat['parse_rate'] * nat['prompts'])} "
+        f"of {nat['prompts']}) |",
+        "",
+        "### Five completions, verbatim",
+    ]
+    for sample in nat["samples"]:
+        tail = sample["prompt_tail"].rstrip("\n")
+        # A fence longer than any backtick run inside keeps the sample verbatim.
+        runs = re.findall(r"`+", sample["completion"])
+        fence = "`" * max(3, 1 + max(map(len, runs), default=0))
+        lines += [
+            "",
+            f"Prompt ends with `{tail}` (parses: {sample['parses']}):",
+            "",
+            fence,
+            sample["completion"],
+            fence,
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def update_card(path: str | Path, record: dict) -> None:
+    """Replace the text between the card's quality markers with `card_section`."""
+    path = Path(path)
+    text = path.read_text()
+    if text.count(CARD_START) != 1 or text.count(CARD_END) != 1:
+        raise ValueError(f"{path}: expected one {CARD_START} and one {CARD_END}")
+    head, rest = text.split(CARD_START)
+    _, tail = rest.split(CARD_END)
+    body = card_section(record)
+    path.write_text(f"{head}{CARD_START}\n{body}{CARD_END}{tail}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""bench/quality.py's pure parts: cutting and parsing completions, the card section."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bench import quality
+
+
+def test_function_source_cuts_at_the_end_of_the_function():
+    header = "    def f(self, x):\n"
+    completion = "        y = x + 1\n        return y\n    def g(self):\n        pass\n"
+    source = quality.function_source(header, completion, "    ")
+    assert source == "def f(self, x):\n    y = x + 1\n    return y"
+    assert quality.parses(source)
+    assert not quality.parses(quality.function_source(header, "  return (\n", "    "))
+
+
+def test_unigram_entropy():
+    assert quality.unigram_entropy(np.arange(8), 8) == pytest.approx(math.log(8))
+    assert quality.unigram_entropy(np.zeros(5, np.int64), 8) == 0.0
+
+
+def _record():
+    return {
+        "backend": "mlx",
+        "unigram_entropy": 6.25,
+        "settings": {"max_tokens": 64},
+        "denoising_ce": {
+            "0.10": {"no_sc": 0.5, "sc": 0.4},
+            "1.00": {"no_sc": 6, "sc": 5},
+        },
+        "native": {
+            "prompts": 4,
+            "parse_rate": 0.25,
+            "steps_per_canvas": 12.5,
+            "tokens_per_forward": 5.125,
+            "samples": [
+                {
+                    "prompt_tail": "def f():\n",
+                    "completion": "x = ```\n",
+                    "parses": False,
+                }
+            ],
+        },
+    }
+
+
+def test_card_section_and_update(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text(f"# card\n{quality.CARD_START}\nold\n{quality.CARD_END}\nend\n")
+    quality.update_card(card, _record())
+    text = card.read_text()
+    assert text.startswith("# card\n") and text.endswith(f"{quality.CARD_END}\nend\n")
+    assert "old" not in text and "**6.250**" in text
+    assert "| 0.10 | 0.500 | 0.400 |" in text and "| 1.00 | 6.000 | 5.000 |" in text
+    assert "| steps per canvas | 12.5 |" in text and "25% (1 of 4)" in text
+    assert "\n````\nx = ```\n\n````" in text  # the fence outgrows the sample's
+    card.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="expected one"):
+        quality.update_card(card, _record())

@@ -225,6 +225,50 @@ def measure_this_machine(repeats: int = 5) -> Device:
     )
 
 
+def measure_torch(device, repeats: int = 5) -> Device:
+    """A torch device's own rates: a large matmul and a device-to-device copy.
+
+    On CUDA: bf16 8192^3 products on random data (zeros run faster) and copies of a
+    1 GiB buffer counting the read and the write, each timed with a synchronize,
+    best of `repeats` after a warm-up; on CPU the same in float32 at 2048 (tests).
+    """
+    import torch
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    src = torch.empty(2**30 if cuda else 2**27, dtype=torch.uint8, device=device)
+    src.random_(0, 256, generator=gen)
+    dst = torch.empty_like(src)
+
+    def synced(fn):
+        def run():
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+
+        return run
+
+    t_mm = _best_time(synced(lambda: a @ b), repeats)
+    t_cp = _best_time(synced(lambda: dst.copy_(src)), repeats)
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    how = f"bench.hardware.measure_torch on {name}, best of {repeats}"
+    memory = (
+        torch.cuda.get_device_properties(device).total_memory / 1e9
+        if cuda
+        else _memory_gb()
+    )
+    return Device(
+        "this-machine",
+        memory_gb=Figure(memory, MEASURED, how),
+        bandwidth_gbs=Figure(2 * src.numel() / t_cp / 1e9, MEASURED, how),
+        matmul_tflops=Figure(2 * n**3 / t_mm / 1e12, MEASURED, f"{how} ({dtype})"),
+    )
+
+
 def _best_time(fn, repeats: int) -> float:
     fn()  # warm-up: page faults, BLAS thread start
     best = float("inf")

@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, choices=QUANTS)
     p.add_argument(
+        "--weights",
+        default="checkpoint",
+        choices=["checkpoint", "device"],
+        help="device: torch only, random weights made on the device (no checkpoint "
+        "written or read; for the released shape on a lent GPU)",
+    )
+    p.add_argument(
         "--compile",
         nargs="?",
         const="default",
@@ -100,6 +107,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--device: only for the torch backend")
     if args.compile and args.backend != "torch":
         p.error("--compile: only for the torch backend")
+    if args.weights == "device" and (args.backend != "torch" or args.quantization):
+        p.error("--weights device: torch backend only, without --quantization")
+    if args.weights == "device" and args.suite == "peers":
+        p.error("--weights device: peers load the checkpoint themselves")
     if args.compile and args.warmup < 1:
         p.error("--compile: needs --warmup >= 1 (compilation is not timed)")
 
@@ -189,7 +200,7 @@ PROTOCOL = {
 def _settings(args: argparse.Namespace) -> dict:
     keys = (
         "context batch steps repeats warmup canvases steps_override peers "
-        "prefill_chunk seed threads measure"
+        "prefill_chunk seed threads measure weights"
     ).split()
     out = {k: getattr(args, k) for k in keys}
     out["protocol"] = PROTOCOL[args.suite]

@@ -74,15 +74,15 @@ def _where(target: Any) -> tuple[str, str]:
     return record.cpu_name(), dev.type
 
 
-def _model_entry(args: argparse.Namespace, path: Path, cfg: ModelConfig) -> dict:
+def _model_entry(args: argparse.Namespace, path: Path | None, cfg: ModelConfig) -> dict:
     raw = checkpoints.preset_config(args.preset, args.canvas)
     params = param_counts(cfg)
     return {
         "preset": args.preset,
-        "weights": "random",
+        "weights": "random-on-device" if path is None else "random",
         "seed": args.seed,
         "config_hash": checkpoints.config_hash(raw, args.seed),
-        "checkpoint": str(path),
+        "checkpoint": None if path is None else str(path),
         "canvas_length": cfg.canvas_length,
         "params_total": params.total,
         "params_active_per_token": params.active_per_token,
@@ -90,8 +90,21 @@ def _model_entry(args: argparse.Namespace, path: Path, cfg: ModelConfig) -> dict
     }
 
 
-def setup(args: argparse.Namespace) -> Setup:
-    """Build (or reuse) the preset's checkpoint and load it on the backend."""
+def _load(args: argparse.Namespace) -> tuple[Path | None, Any]:
+    """(checkpoint folder or None, target): the preset's checkpoint loaded on the
+    backend, or with --weights device its random weights made on the torch device."""
+    if args.weights == "device":
+        from .device_weights import torch_target
+
+        target = torch_target(
+            args.preset,
+            device=args.device or "cuda",
+            dtype=args.dtype,
+            seed=args.seed,
+            canvas=args.canvas,
+            compile=args.compile or False,
+        )
+        return None, target
     path = checkpoints.build(
         args.preset, root=args.checkpoint_dir, seed=args.seed, canvas=args.canvas
     )
@@ -105,14 +118,27 @@ def setup(args: argparse.Namespace) -> Setup:
         quantization=args.quantization,
         **opts,
     )
-    accel, device = _where(target)
-    measured = None
-    if args.measure:
-        from .hardware import measure_this_machine
+    return path, target
 
-        measured = measure_this_machine()
-    # The table's figures describe the chip's GPU; a CPU run uses the measured rates.
-    floor_dev = record.floor_device(accel if device != "cpu" else "", measured)
+
+def _measure(target: Any, device: str):
+    """This machine's rates: the GPU's through torch on CUDA, else numpy's (CPU)."""
+    from .hardware import measure_this_machine, measure_torch
+
+    return measure_torch(target.device) if device == "cuda" else measure_this_machine()
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """Build (or reuse) the preset's checkpoint and load it on the backend."""
+    path, target = _load(args)
+    accel, device = _where(target)
+    measured = _measure(target, device) if args.measure else None
+    # The table's figures describe a chip's GPU (a Mac's GPU is not measured here); a
+    # CPU run, or a CUDA run with --measure, uses the measured rates.
+    if device == "cuda" and measured is not None:
+        floor_dev = measured
+    else:
+        floor_dev = record.floor_device(accel if device != "cpu" else "", measured)
     return Setup(
         path,
         target,

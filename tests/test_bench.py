@@ -205,3 +205,105 @@ def test_build_streams_a_sharded_preset_once(tmp_path, monkeypatch):
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
     assert checkpoints.build("small-sharded", root=tmp_path) == path  # reused
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp folders left
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_step_on_device_made_weights(tmp_path):
+    """--weights device (what a lent GPU runs for the released shape) on the CPU:
+    no checkpoint is written, the record says so, and the floor uses torch's
+    measured rates when the device is CUDA (here: numpy's, as any CPU run)."""
+    rec = _run(
+        tmp_path,
+        "step",
+        "--backend",
+        "torch",
+        "--weights",
+        "device",
+        "--device",
+        "cpu",
+        "--context",
+        "12",
+        "--steps",
+        "5",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    )
+    assert not (tmp_path / "ck").exists()
+    model = rec["model"]
+    assert model["weights"] == "random-on-device" and model["checkpoint"] is None
+    assert rec["settings"]["weights"] == "device"
+    assert rec["results"][0]["step_ms"]["median"] > 0
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_device_weights_follow_the_checkpoint_recipe():
+    import torch
+
+    from bench.device_weights import torch_target
+
+    t = torch_target("mid", device="cpu", seed=1)
+    sd = t.model.state_dict()
+    emb = sd["embed_tokens.weight"]
+    assert emb.dtype == torch.float32 and abs(emb.std().item() - 0.3) < 0.01
+    assert abs(sd["layers.0.self_attn.q_proj.weight"].std().item() - 0.02) < 0.002
+    assert abs(sd["layers.0.router.proj.weight"].std().item() - 1.0) < 0.05
+    assert abs(sd["norm.weight"].mean().item() - 1.0) < 0.1
+    assert sd["layers.1.layer_scalar"].item() == pytest.approx(0.6)
+    again = torch_target("mid", device="cpu", seed=1).model.state_dict()
+    assert all(torch.equal(sd[k], again[k]) for k in sd)  # seeded
+    cache = t.new_cache(1)
+    t.encode(np.arange(5, 40)[None], cache)
+    assert torch.isfinite(t.decode(np.arange(64)[None] + 5, cache)).all()
+    with pytest.raises(ValueError, match="dtype"):
+        torch_target("tiny", device="cpu", dtype="int4")
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_measure_torch_on_cpu():
+    from bench.hardware import measure_torch
+
+    dev = measure_torch("cpu", repeats=1)
+    assert dev.name == "this-machine" and dev.matmul_tflops.value > 1e-3
+    assert dev.bandwidth_gbs.value > 0.1 and dev.matmul_tflops.basis == "measured"
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["step", "--weights", "device"], "torch backend only"),
+        (["peers", "--backend", "torch", "--weights", "device"], "peers load"),
+    ],
+)
+def test_device_weights_argument_errors(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        run.main(argv)
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_device_check_script_on_cpu(tmp_path):
+    """bench/device_check.sh, the one-call GPU run, in its CPU smoke-test form."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path),
+        DEVICE="cpu",
+        PRESET="tiny",
+        CONTEXTS="12",
+        STEPS="4",
+        PY=sys.executable,
+        OMP_NUM_THREADS="1",
+    )
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "device_check.sh"
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    recs = [json.loads(p.read_text()) for p in tmp_path.glob("step-*.json")]
+    assert sorted(str(r["compile"]) for r in recs) == ["None", "reduce-overhead"]

@@ -77,8 +77,14 @@ class TorchTarget:
 
     def new_cache(self, batch_size: int) -> Cache:
         check_batch_size(batch_size)
+        static = self.model.compiled  # buffers CUDA graphs may write into
         return Cache(
-            self.config, batch_size, self.max_len, self.device, self.model.dtype
+            self.config,
+            batch_size,
+            self.max_len,
+            self.device,
+            self.model.dtype,
+            static,
         )
 
     def encode(self, ids: Any, cache: Cache, attention_mask: Any = None) -> None:

@@ -21,6 +21,15 @@ from mlx_diffgem.core.config import ModelConfig
 Masks = dict[bool, torch.Tensor | None]  # keyed by "is a sliding layer"
 
 
+def _static(t: torch.Tensor, static: bool) -> torch.Tensor:
+    """Mark a buffer as living at a fixed address (for a compiled model), as KV
+    caches for torch.compile do: CUDA graphs (compile mode "reduce-overhead") may
+    then write the canvas K/V into it, which they refuse for ordinary inputs."""
+    if static:  # eager runs skip importing torch._dynamo (~1 s)
+        torch._dynamo.mark_static_address(t)
+    return t
+
+
 class LayerCache:
     """K/V of one layer: `length` stored tokens at the front of preallocated buffers."""
 
@@ -30,9 +39,11 @@ class LayerCache:
         keep: int | None,
         device: torch.device,
         dtype: torch.dtype,
+        static: bool = False,
     ):
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.static = static
+        self.keys = _static(torch.zeros(shape, device=device, dtype=dtype), static)
+        self.values = _static(torch.zeros(shape, device=device, dtype=dtype), static)
         self.keep = keep  # W - 1 for sliding layers, None for full layers
         self.length = 0
 
@@ -44,6 +55,7 @@ class LayerCache:
         for name in ("keys", "values"):
             old = getattr(self, name)
             new = old.new_zeros((*old.shape[:2], new_cap, old.shape[3]))
+            new = _static(new, self.static)
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 
@@ -90,6 +102,8 @@ class Cache:
         batch_size: rows of the batch.
         offset: slots processed so far (pads included: positions are slot indices).
         pending: the last committed canvas, encoded at the next call (set by core).
+
+    `static` marks the K/V buffers for torch.compile (see `_static`).
     """
 
     def __init__(
@@ -99,6 +113,7 @@ class Cache:
         max_len: int = 4096,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        static: bool = False,
     ):
         self.batch_size = batch_size
         self.offset = 0
@@ -117,7 +132,7 @@ class Cache:
                 config.layer_head_dim(i),
             )
             keep = self.window - 1 if sliding else None
-            self.layers.append(LayerCache(shape, keep, self.device, dtype))
+            self.layers.append(LayerCache(shape, keep, self.device, dtype, static))
         # valid[b, j]: slot j of row b holds a real token (0 = left padding).
         self.valid = torch.ones(
             batch_size, max_len + C, dtype=torch.bool, device=self.device

@@ -11,8 +11,10 @@ into one pass over the [B, C, V] logits) that the canvas loop uses when present.
 - mode "reduce-overhead" (or "max-autotune") also records CUDA graphs on CUDA (one
   per cache length, reused by every step of a canvas). A replay overwrites the
   previous replay's output, and the loop feeds each step's logits back as the next
-  step's self-conditioning, so the compiled decoder returns a copy. On CPU these
-  modes compile like "default".
+  step's self-conditioning, so the compiled decoder returns a copy. The decoder
+  writes the canvas K/V into the cache's spare rows; a compiled model's caches mark
+  their buffers as static addresses (`cache._static`) so that graphs may do that.
+  On CPU these modes compile like "default". Not yet run on a GPU here.
 """
 
 from __future__ import annotations

@@ -605,6 +605,8 @@ def test_compiled_step_matches_eager(tiny_path, target):
     # "default", so this runs the same code path here.
     compiled = load(tiny_path, device="cpu", compile="reduce-overhead")
     assert compiled.model.compiled and not target.model.compiled
+    assert compiled.new_cache(1).layers[0].static
+    assert not target.new_cache(1).layers[0].static
     ids, canvas = _ids(41, (2, 13)), _ids(42, (2, 8), 0)
     got = {}
     for model in (target, compiled):

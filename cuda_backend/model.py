@@ -397,7 +397,7 @@ class Model(nn.Module):
         self_conditioning: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Bidirectional pass: canvas [B, C] long -> logits [B, C, V] float32."""
-        with torch.no_grad() if self.compiled else torch.inference_mode():
+        with self.grad_off():
             positions, masks = cache.decoder_masks(canvas.shape[1])
             h = self._decoder_input(canvas, self_conditioning)
             h = self.norm(self._layers(h, positions, masks, cache, encoder=False))

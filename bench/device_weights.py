@@ -56,11 +56,7 @@ def torch_target(
     from cuda_backend.model import Model
 
     dev = backend._device(device)
-    dtype = dtype or backend.default_dtype(dev)
-    if dtype not in backend.DTYPES:
-        raise ValueError(
-            f"dtype: expected one of {sorted(backend.DTYPES)}, got {dtype!r}"
-        )
+    dtype = backend.resolve_dtype(dtype, dev)
     mode = check_mode(compile)
     raw = checkpoints.preset_config(preset, canvas)
     cfg = ModelConfig.from_dict(raw, f"preset {preset}")

@@ -149,6 +149,14 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def resolve_dtype(dtype: str | None, device: torch.device) -> str:
+    """The dtype name to load in: `dtype`, checked, or the device's default."""
+    dtype = dtype or default_dtype(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device or default_device())
@@ -165,7 +173,7 @@ def _device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _load_tensors(
+def load_tensors(
     files: list[Path], device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Internal name -> tensor on `device`; floats cast to `dtype`, vision skipped."""
@@ -209,9 +217,7 @@ def load(
             on CUDA (see compile.py). Compiles on the first step (tens of seconds).
     """
     dev = _device(device)
-    dtype = dtype or default_dtype(dev)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    dtype = resolve_dtype(dtype, dev)
     if quantization is not None:
         quantize.check_mode(quantization)
     mode = check_compile(compile)
@@ -223,7 +229,7 @@ def load(
             "'mlx'; the torch backend expects the Hugging Face weights"
         )
     checkpoint.check_checkpoint(folder, config)  # headers only: fails fast
-    tensors = _load_tensors(checkpoint.weight_files(folder), dev, DTYPES[dtype])
+    tensors = load_tensors(checkpoint.weight_files(folder), dev, DTYPES[dtype])
     with torch.device("meta"):
         model = Model(config)
     model.load_state_dict(tensors, strict=True, assign=True)

@@ -633,17 +633,11 @@ def _start(a: TrainArgs, blob: dict | None):
 
 def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """A release-layout folder's weights as fp32 training state (internal names)."""
-    from safetensors.torch import load_file
+    from mlx_diffgem.core.checkpoint import weight_files
 
-    from mlx_diffgem.core.checkpoint import hf_to_internal, weight_files
+    from .backend import load_tensors
 
-    out = {}
-    for f in weight_files(Path(folder)):
-        for k, v in load_file(str(f)).items():
-            name = hf_to_internal(k)
-            if name is not None:
-                out[name] = v.float()
-    return out
+    return load_tensors(weight_files(folder), torch.device("cpu"), torch.float32)
 
 
 def check_tokenizer(data: str | Path, init: str | Path) -> None:

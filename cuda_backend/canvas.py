@@ -109,23 +109,30 @@ def _denoise_steps(model, state, cache, policy, noise, views):
     score = getattr(model, "score", sampling.score)  # compiled by compile_model
     B, C, dev = cache.batch_size, model.config.canvas_length, cache.device
     canvas = _start(model, state, noise, (B, C), dev)
-    sc, history, argmax = state.self_conditioning, state.history, canvas
+    sc, history = state.self_conditioning, state.history
+    argmax = canvas if state.argmax is None else _on(state.argmax, dev)
     finished = torch.as_tensor(
         np.zeros(B, bool) if state.finished is None else state.finished
     )
     finished = finished.to(dev)
     done = torch.zeros((B,), dtype=torch.bool, device=dev)
+    if state.done is not None:
+        done = _on(state.done, dev).bool()
     passes = torch.zeros((B,), dtype=torch.int32, device=dev)
     h_mean = torch.zeros((B,), dtype=torch.float32, device=dev)
-    N = policy.max_steps
+    if state.mean_entropy is not None:
+        h_mean = _on(state.mean_entropy, dev).float()
+    done_host = done.cpu().numpy()
+    any_done = bool(done_host.any())
+    countdown = [] if done_host.all() else policy.countdown(state.step)
     # Every temperature in one upload; step n divides by a device scalar, as the
     # reference does (a host float would become a reciprocal multiply on CUDA).
-    temps = torch.tensor([policy.temperature(n) for n in range(N, 0, -1)], device=dev)
-    any_done, accepted, entropies, steps = False, [], [], 0
-    for n in range(N, 0, -1):
+    temps = torch.tensor([policy.temperature(max(n, 1)) for n in countdown], device=dev)
+    accepted, entropies, steps = [], [], 0
+    for j in range(len(countdown)):
         passes += (~(done | finished)).int()
         z = model.decode(canvas, cache, sc)  # 1
-        new_arg, h = score(z, temps[N - n])  # 2: z is now z / T(n)
+        new_arg, h = score(z, temps[j])  # 2: z is now z / T(n)
         draft = draw_sample(noise, z)
         keep = accept_mask(h, policy.entropy_bound)  # 3
         new_canvas = renoise(
@@ -152,7 +159,8 @@ def _denoise_steps(model, state, cache, policy, noise, views):
         done_host = done.cpu().numpy()  # 5
         steps += 1
         if views:
-            yield StepView(steps, argmax.cpu().numpy().astype(np.int32), done_host)
+            argmax_host = argmax.cpu().numpy().astype(np.int32)
+            yield StepView(steps, argmax_host, done_host, model_role(model))
         any_done = bool(done_host.any())
         if done_host.all():
             break
@@ -160,9 +168,35 @@ def _denoise_steps(model, state, cache, policy, noise, views):
         tokens=argmax.cpu().numpy().astype(np.int32),
         steps=steps,
         passes=passes.cpu().numpy().astype(np.int64),
-        state=CanvasState(canvas, sc, history, state.finished, draw_initial=False),
+        state=CanvasState(
+            canvas,
+            sc,
+            history,
+            state.finished,
+            draw_initial=False,
+            step=state.step + steps,
+            argmax=argmax,
+            done=done,
+            mean_entropy=h_mean,
+        ),
         step_stats={
-            "accepted": torch.stack(accepted).cpu().numpy(),
-            "mean_entropy": torch.stack(entropies).cpu().numpy(),
+            "accepted": _stack(accepted, B),
+            "mean_entropy": _stack(entropies, B),
         },
+        done=done_host,
     )
+
+
+def _on(x, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(x, device=device)
+
+
+def _stack(tensors: list, B: int) -> np.ndarray:
+    if not tensors:
+        return np.zeros((0, B))
+    return torch.stack(tensors).cpu().numpy()
+
+
+def model_role(model) -> str:
+    """ "drafter" for a drafter's model view, else "target" (labels live drafts)."""
+    return getattr(model, "role", "target")

@@ -164,11 +164,13 @@ class Router(nn.Module):
         self.scale = nn.Parameter(torch.ones(H))
         self.per_expert_scale = nn.Parameter(torch.ones(E))
 
-    def forward(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k expert weights (float32) and ids from the raw residual r [N, H]."""
+    def forward(self, r: torch.Tensor, top_k: int | None = None) -> tuple:
+        """Top-k expert weights (float32) and ids from the raw residual r [N, H];
+        `top_k` overrides the config's k (a self-drafter uses fewer experts)."""
         z = rms_norm(r, None, self.eps) * self.scale * r.shape[-1] ** -0.5
         probs = torch.softmax(self.proj(z), dim=-1, dtype=torch.float32)
-        w, idx = torch.topk(probs, self.top_k, dim=-1)  # softmax over all E, then top-k
+        # softmax over all E, then top-k
+        w, idx = torch.topk(probs, top_k or self.top_k, dim=-1)
         w = w / w.sum(dim=-1, keepdim=True)
         return w * self.per_expert_scale[idx], idx
 
@@ -293,6 +295,7 @@ class Layer(nn.Module):
         mask: torch.Tensor | None,
         layer_cache: LayerCache,
         encoder: bool,
+        top_k: int | None = None,
     ) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(h), rot, mask, layer_cache, encoder)
         r = h + self.post_attention_layernorm(a)
@@ -300,7 +303,7 @@ class Layer(nn.Module):
             self.mlp(self.pre_feedforward_layernorm(r))
         )
         flat = r.reshape(-1, r.shape[-1])
-        w, idx = self.router(flat)  # the router reads the raw residual
+        w, idx = self.router(flat, top_k)  # the router reads the raw residual
         h2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx)
         h2 = self.post_feedforward_layernorm_2(h2.view(r.shape))
         h = r + self.post_feedforward_layernorm(h1 + h2)
@@ -356,11 +359,19 @@ class Model(nn.Module):
             out[sliding] = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
         return out
 
-    def _layers(self, h, positions, masks: Masks, cache: Cache, encoder: bool):
+    def _layers(
+        self, h, positions, masks: Masks, cache: Cache, encoder: bool, plan=None
+    ):
         rot = self._rotations(positions)
-        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+        top_k = None if plan is None else plan.top_k
+        for i, (layer, layer_cache) in enumerate(
+            zip(self.layers, cache.layers, strict=True)
+        ):
+            if plan is not None and not plan.keeps(i):
+                h = h * layer.layer_scalar  # a skipped layer still scales the stream
+                continue
             s = layer.self_attn.sliding
-            h = layer(h, rot[s], masks[s], layer_cache, encoder)
+            h = layer(h, rot[s], masks[s], layer_cache, encoder, top_k)
         return h
 
     def grad_off(self):
@@ -379,28 +390,55 @@ class Model(nn.Module):
             cache.end_encode(ids.shape[1])
 
     def _decoder_input(
-        self, canvas: torch.Tensor, sc: torch.Tensor | None
+        self, canvas: torch.Tensor, sc: torch.Tensor | None, plan=None
     ) -> torch.Tensor:
         scale = self.embed_scale()
         e = self.embed_tokens(canvas) * scale
         if sc is not None:
             # Expected embedding under the previous step's distribution (spec §3.6).
-            p = torch.softmax(sc, dim=-1, dtype=torch.float32).to(self.dtype)
-            e = e + self.self_conditioning(p @ self.embed_tokens.weight * scale)
+            e = e + self.self_conditioning(self._soft_embed(sc, plan) * scale)
         # Without sc the block sees zeros and adds exactly zero; skip it.
         return rms_norm(e, None, self.config.rms_norm_eps)
+
+    def _soft_embed(self, sc: torch.Tensor, plan=None) -> torch.Tensor:
+        """softmax(sc) @ E; a plan with sc_top_k takes it over each row's top k."""
+        k = None if plan is None else plan.sc_top_k
+        if k is None:
+            p = torch.softmax(sc, dim=-1, dtype=torch.float32).to(self.dtype)
+            return p @ self.embed_tokens.weight
+        vals, idx = torch.topk(sc.float(), k, dim=-1)
+        p = torch.softmax(vals, dim=-1).to(self.dtype)
+        rows = self.embed_tokens(idx)  # [B, C, k, H]
+        return (p.unsqueeze(-2) @ rows).squeeze(-2)
 
     def decode(
         self,
         canvas: torch.Tensor,
         cache: Cache,
         self_conditioning: torch.Tensor | None = None,
+        plan=None,
     ) -> torch.Tensor:
-        """Bidirectional pass: canvas [B, C] long -> logits [B, C, V] float32."""
+        """Bidirectional pass: canvas [B, C] long -> logits [B, C, V] float32.
+
+        plan: a `drafter.plan.SelfDraftPlan`: run this pass as a cheap self-drafter
+        (fewer layers and experts, top-k soft embedding, sub-vocabulary head).
+        """
         with self.grad_off():
             positions, masks = cache.decoder_masks(canvas.shape[1])
-            h = self._decoder_input(canvas, self_conditioning)
-            h = self.norm(self._layers(h, positions, masks, cache, encoder=False))
-            logits = F.linear(h, self.embed_tokens.weight).float()
-            cap = self.config.final_logit_softcapping
-            return torch.tanh(logits / cap) * cap
+            h = self._decoder_input(canvas, self_conditioning, plan)
+            h = self._layers(h, positions, masks, cache, False, plan)
+            return self._head(self.norm(h), plan)
+
+    def _head(self, h: torch.Tensor, plan=None) -> torch.Tensor:
+        """Softcapped fp32 logits over the vocabulary, or over a plan's first
+        `head_vocab` ids (the rest get the plan's fill logit)."""
+        rows = None if plan is None else plan.head_vocab
+        weight = self.embed_tokens.weight
+        logits = F.linear(h, weight if rows is None else weight[:rows]).float()
+        cap = self.config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+        if rows is None:
+            return logits
+        V = self.config.vocab_size
+        fill = logits.new_full((*logits.shape[:-1], V - rows), plan.fill)
+        return torch.cat([logits, fill], dim=-1)

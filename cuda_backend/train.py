@@ -21,7 +21,11 @@ sequence is a clean prefix of P tokens followed by n canvases of C tokens:
 5. Loss: cross-entropy on every canvas position, noised or not, equally weighted
    (the model cannot tell noise from clean tokens, and the sampler reads all of
    them), + ar_weight * the encoder's next-token loss + lb_weight * a Switch-style
-   load-balancing loss on the routers.
+   load-balancing loss on the routers + cf_weight * certainty forcing: the entropy
+   of softmax(logits / cf_temp) on the positions the model already predicts right
+   (dParallel, arXiv 2509.26488), which is what lets the sampler's stop rule (mean
+   entropy < 0.005) fire. `noise_power` > 1 draws more low-noise canvases
+   (t = u ** power), where that stop decision is made.
 
     python -m cuda_backend.corpus --out runs/corpus       # optional: train builds it
     python -m cuda_backend.train --out runs/default --steps 500 --batch 8
@@ -307,20 +311,40 @@ class Objective:
     t_max: float = 0.8
     ar_weight: float = 0.0
     lb_weight: float = 0.01
+    cf_weight: float = 0.0  # certainty forcing (entropy on correct predictions)
+    cf_temp: float = 0.6  # the sampler's temperatures are 0.4..0.8
+    noise_power: float = 1.0  # t = u ** power: > 1 favours low noise
+
+
+def certainty(logits: torch.Tensor, target: torch.Tensor, temp: float) -> torch.Tensor:
+    """Mean entropy of softmax(logits / temp) over the correctly predicted positions.
+
+    Wrong positions are left to the cross-entropy: forcing certainty there would
+    sharpen a mistake.
+    """
+    z = logits / temp
+    h = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    right = (logits.argmax(-1) == target).float()
+    return (h * right).sum() / right.sum().clamp_min(1.0)
 
 
 def noise_canvases(
-    target: torch.Tensor, C: int, vocab: int, gen: torch.Generator
+    target: torch.Tensor,
+    C: int,
+    vocab: int,
+    gen: torch.Generator,
+    power: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform-noise corruption of each canvas of target [B, n*C] at its own level.
 
     Levels are stratified over the B*n canvases (one per 1/(B*n) interval, shuffled):
-    the same U(0, 1) marginal with less variance per batch. Returns (noisy, t [B, n]).
+    the same U(0, 1) marginal with less variance per batch, raised to `power`.
+    Returns (noisy, t [B, n]).
     """
     B, N = target.shape
     k = B * (N // C)
     t = (torch.randperm(k, generator=gen) + torch.rand(k, generator=gen)) / k
-    t = t.view(B, -1, 1)
+    t = t.pow(power).view(B, -1, 1)
     flip = torch.rand(B, N // C, C, generator=gen) < t
     noise = torch.randint(0, vocab, (B, N // C, C), generator=gen)
     # Drawn on the CPU generator (reproducible everywhere), then moved.
@@ -387,7 +411,7 @@ def diffusion_loss(
             _head(model, h[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
         )
     target = ids[:, P:]
-    noisy, _ = noise_canvases(target, C, V, gen)
+    noisy, _ = noise_canvases(target, C, V, gen, obj.noise_power)
     half = B // 2
     sc = None
     if half:
@@ -403,13 +427,15 @@ def diffusion_loss(
     ce = ce.view(B, -1)
     diff = ce.mean()
     lb = balance.loss() if balance is not None else torch.zeros(())
+    cf = certainty(logits, target, obj.cf_temp) if obj.cf_weight else torch.zeros(())
     return {
-        "loss": diff + obj.ar_weight * ar + obj.lb_weight * lb,
+        "loss": diff + obj.ar_weight * ar + obj.lb_weight * lb + obj.cf_weight * cf,
         "diff": diff,
         "diff_sc": ce[:half].mean() if half else diff,
         "diff_nosc": ce[half:].mean(),
         "ar": ar,
         "lb": lb,
+        "cf": cf,
         "acc": (logits.argmax(-1) == target).float().mean(),
     }
 
@@ -472,6 +498,9 @@ class TrainArgs:
     clip: float = 1.0
     ar_weight: float = 0.0
     lb_weight: float = 0.01
+    cf_weight: float = 0.0
+    cf_temp: float = 0.6
+    noise_power: float = 1.0
     doc_start_frac: float = 0.25
     eval_every: int = 50
     eval_batches: int = 4
@@ -523,7 +552,12 @@ def load_stream(data: str | Path, split: str) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(model: Model, windows: Windows, a: TrainArgs, obj: Objective) -> dict:
-    """Mean losses on fixed held-out batches (fixed windows, prefixes and noise)."""
+    """Mean losses on fixed held-out batches (fixed windows, prefixes and noise).
+
+    Noise levels stay uniform whatever the training draws, so `diff` (and best.pt)
+    compare across runs.
+    """
+    obj = dataclasses.replace(obj, noise_power=1.0)
     rng = np.random.default_rng(1234)
     gen = torch.Generator().manual_seed(1234)
     totals: dict[str, float] = {}
@@ -678,7 +712,13 @@ def train(a: TrainArgs, blob: dict | None = None) -> RunState:
     print(f"{n_params:,} parameters; from step {st.step} to {a.steps}", flush=True)
     train_w = Windows(load_stream(a.data, "train"), a.seq_len, a.doc_start_frac)
     held_w = Windows(load_stream(a.data, "heldout"), a.seq_len, a.doc_start_frac)
-    obj = Objective(ar_weight=a.ar_weight, lb_weight=a.lb_weight)
+    obj = Objective(
+        ar_weight=a.ar_weight,
+        lb_weight=a.lb_weight,
+        cf_weight=a.cf_weight,
+        cf_temp=a.cf_temp,
+        noise_power=a.noise_power,
+    )
     balance, meter, C = RouterBalance(model), _Meter(), model.config.canvas_length
     last_save, ckpt = time.time(), out / "last.pt"
     try:

@@ -24,6 +24,7 @@ _API = {
     "ModelConfig": "mlx_diffgem.core.config",
     "Response": "mlx_diffgem.core.stats",
     "Stats": "mlx_diffgem.core.stats",
+    "SpecPolicy": "mlx_diffgem.core.speculative",
 }
 
 __all__ = sorted(_API)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 from .core.backend import StepView, Target, check_ids, get_backend
 from .core.generate import CanvasEvent, generate_canvases, generation_config
 from .core.noise import NoiseSource, make_noise
+from .core.speculative import SpecPolicy, SpeculativeModel
 from .core.stats import Response, Stats
 from .core.tokenizer import (
     StreamingDetokenizer,
@@ -39,6 +41,7 @@ def load(
     *,
     backend: str = "mlx",
     drafter: str | None = None,
+    speculative: SpecPolicy | dict | None = None,
     dtype: str | None = None,
     quantization: dict | str | None = None,
     **backend_options: Any,
@@ -48,19 +51,42 @@ def load(
     Args:
         path: a local folder or a Hugging Face repo id; None loads the default model.
         backend: "mlx" or "torch".
-        drafter: speculative drafter (not available yet: raises).
+        drafter: decode speculatively with a drafter: "self" (the target's own
+            weights, cut: fewer layers and experts, cheaper vocabulary-wide parts),
+            "self:layers=0,5 top_k=1 sc_top_k=32 head_vocab=1024" (explicit cuts),
+            "target" (the target at full cost, a baseline), "default" (the drafter
+            shipped with the model, if any). None: native decoding.
+        speculative: a SpecPolicy or its fields (draft_steps, refine_steps,
+            max_rounds, draft_confidence); only with a drafter.
         dtype: "float32", "bfloat16" or "float16" (default: bf16 on GPU, fp32 on CPU).
         quantization: quantize on load, e.g. {"bits": 4, "group_size": 64} or "mixed".
         **backend_options: e.g. device="cuda" for the torch backend.
     """
-    if drafter is not None:
-        raise ValueError(
-            f"drafter: {drafter!r} is not available yet (speculative decoding)"
-        )
+    spec = _spec_policy(drafter, speculative)
     path = default_model_path() if path is None else path
     module = get_backend(backend)
     model = module.load(path, dtype=dtype, quantization=quantization, **backend_options)
+    if drafter is not None:
+        from drafter import load_drafter
+
+        model = SpeculativeModel(model, load_drafter(model, drafter), spec)
     return model, load_tokenizer(model.path)
+
+
+def _spec_policy(drafter: str | None, spec: SpecPolicy | dict | None) -> SpecPolicy:
+    if spec is not None and drafter is None:
+        raise ValueError("speculative: only applies with a drafter (drafter=...)")
+    if spec is None or isinstance(spec, SpecPolicy):
+        return spec or SpecPolicy()
+    if not isinstance(spec, dict):
+        raise ValueError("speculative: expected a SpecPolicy or a dict of its fields")
+    fields = {f.name for f in dataclasses.fields(SpecPolicy)}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise ValueError(
+            f"speculative: unknown option {unknown[0]!r}; expected {sorted(fields)}"
+        )
+    return SpecPolicy(**spec)
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -149,7 +175,15 @@ def stream_generate(
                 if tokenizer is not None
                 else None
             )
-            yield Response("", ev.argmax[0], stats, stats.canvases, ev.step, text)
+            yield Response(
+                "",
+                ev.argmax[0],
+                stats,
+                stats.canvases,
+                ev.step,
+                text,
+                source=ev.source,
+            )
             continue
         if last is not None:
             yield last

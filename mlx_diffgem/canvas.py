@@ -99,17 +99,22 @@ def denoise_steps(
     `views` (one extra host copy per step) and returns the CanvasResult."""
     B, C = cache.batch_size, model.config.canvas_length
     canvas = _start(model, state, noise, (B, C))
-    sc, history, argmax = state.self_conditioning, state.history, canvas
+    sc, history = state.self_conditioning, state.history
+    argmax = canvas if state.argmax is None else mx.array(state.argmax)
     finished = mx.array(np.zeros(B, bool) if state.finished is None else state.finished)
-    done = mx.zeros((B,), mx.bool_)
+    done = mx.zeros((B,), mx.bool_) if state.done is None else mx.array(state.done)
     passes = mx.zeros((B,), mx.int32)
-    h_mean = mx.zeros((B,), mx.float32)
-    any_done, accepted, entropies, steps = False, [], [], 0
-    for n in range(policy.max_steps, 0, -1):
+    h_mean = (
+        mx.zeros((B,), mx.float32)
+        if state.mean_entropy is None
+        else mx.array(state.mean_entropy)
+    )
+    any_done, all_done = (False, False) if state.done is None else _flags(done)
+    accepted, entropies, steps = [], [], 0
+    for n in [] if all_done else policy.countdown(state.step):
         passes = passes + (~(done | finished)).astype(mx.int32)
-        z = model.decode(canvas, cache, sc) / mx.array(
-            policy.temperature(n), mx.float32
-        )  # 1-2
+        T = mx.array(policy.temperature(max(n, 1)), mx.float32)
+        z = model.decode(canvas, cache, sc) / T  # 1-2
         parts = softmax_tail(z)  # one exp pass for the draw and the entropies
         draft = draw_sample(noise, z, parts)
         new_arg = mx.argmax(z, axis=-1).astype(mx.int32)
@@ -144,7 +149,7 @@ def denoise_steps(
         mx.eval(done, canvas, sc, argmax, history, passes, accepted[-1], h_mean, status)
         steps += 1
         if views:
-            yield StepView(steps, np.array(argmax), np.array(done))
+            yield StepView(steps, np.array(argmax), np.array(done), model_role(model))
         any_done, all_done = status.tolist()  # 5: already evaluated, no extra sync
         if all_done:
             break
@@ -152,9 +157,33 @@ def denoise_steps(
         tokens=np.array(argmax).astype(np.int32),
         steps=steps,
         passes=np.array(passes).astype(np.int64),
-        state=CanvasState(canvas, sc, history, state.finished, draw_initial=False),
+        state=CanvasState(
+            canvas,
+            sc,
+            history,
+            state.finished,
+            draw_initial=False,
+            step=state.step + steps,
+            argmax=argmax,
+            done=done,
+            mean_entropy=h_mean,
+        ),
         step_stats={
-            "accepted": np.stack([np.array(a) for a in accepted]),  # evaluated
-            "mean_entropy": np.stack([np.array(a) for a in entropies]),
+            "accepted": _stack(accepted, B),  # evaluated
+            "mean_entropy": _stack(entropies, B),
         },
+        done=np.array(done),
     )
+
+
+def _flags(done: mx.array) -> tuple[bool, bool]:
+    return bool(mx.any(done).item()), bool(mx.all(done).item())
+
+
+def _stack(arrays: list, B: int) -> np.ndarray:
+    return np.stack([np.array(a) for a in arrays]) if arrays else np.zeros((0, B))
+
+
+def model_role(model) -> str:
+    """ "drafter" for a drafter's model view, else "target" (labels live drafts)."""
+    return getattr(model, "role", "target")

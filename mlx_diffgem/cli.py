@@ -45,6 +45,28 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     )
     chat.add_argument("--no-chat", dest="chat", action="store_false")
     p.add_argument("--draft", action="store_true", help="show the live canvas per step")
+    p.add_argument(
+        "--drafter",
+        default=None,
+        metavar="SPEC",
+        help="decode speculatively: 'self' (the model's own weights, run cheaply), "
+        "'self:layers=0,5 top_k=1 sc_top_k=32 head_vocab=1024' (explicit cuts), "
+        "'target' (the model at full cost) or 'default' (the drafter shipped with "
+        "the model)",
+    )
+    p.add_argument(
+        "--draft-steps",
+        type=int,
+        default=None,
+        help="with --drafter: drafter passes before the first verify (default 16)",
+    )
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        default=None,
+        help="with --drafter: verify rounds before the model finishes the canvas "
+        "natively (default 3)",
+    )
 
 
 def _convert_parser(sub: argparse._SubParsersAction) -> None:
@@ -96,8 +118,18 @@ def run_generate(args: argparse.Namespace) -> int:
     opts = {"device": args.device} if args.device else {}
     if args.compile is not None:
         opts["compile"] = args.compile
+    spec = {
+        k: getattr(args, k)
+        for k in ("draft_steps", "max_rounds")
+        if getattr(args, k) is not None
+    }
     model, tokenizer = api.load(
-        args.model, backend=args.backend, dtype=args.dtype, **opts
+        args.model,
+        backend=args.backend,
+        dtype=args.dtype,
+        drafter=args.drafter,
+        speculative=spec or None,
+        **opts,
     )
     if tokenizer is None:
         raise SystemExit(
@@ -117,7 +149,7 @@ def run_generate(args: argparse.Namespace) -> int:
     ):
         if r.is_draft:
             print(
-                f"\r[step {r.step}] {r.draft!r}"[:120],
+                f"\r[{r.source} step {r.step}] {r.draft!r}"[:120],
                 end="",
                 file=sys.stderr,
                 flush=True,

@@ -140,10 +140,12 @@ class Router(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.root = H**-0.5
 
-    def __call__(self, r: mx.array) -> tuple[mx.array, mx.array]:
+    def __call__(self, r: mx.array, top_k: int | None = None) -> tuple:
+        """(weights [.., k] float32, expert ids [.., k]); `top_k` overrides the
+        config's k (a self-drafter routes each token to fewer experts)."""
         z = _rms(r, None, self.eps) * self.scale * self.root
         p = mx.softmax(self.proj(z).astype(mx.float32), axis=-1)
-        k = self.top_k
+        k = top_k or self.top_k
         idx = mx.argpartition(-p, kth=k - 1, axis=-1)[..., :k]
         w = mx.take_along_axis(p, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
@@ -175,20 +177,22 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
         self.encoder_layer_scalar = mx.ones((1,))
 
-    def __call__(self, h, store, offset: int, mask, encoder: bool) -> mx.array:
+    def __call__(
+        self, h, store, offset: int, mask, encoder: bool, top_k: int | None = None
+    ) -> mx.array:
         a = self.self_attn(self.input_layernorm(h), store, offset, mask, write=encoder)
         r = h + self.post_attention_layernorm(a)
         h1 = self.post_feedforward_layernorm_1(
             self.mlp(self.pre_feedforward_layernorm(r))
         )
-        h2 = self.post_feedforward_layernorm_2(self._experts(r))
+        h2 = self.post_feedforward_layernorm_2(self._experts(r, top_k))
         h = r + self.post_feedforward_layernorm(h1 + h2)
         scalar = self.encoder_layer_scalar if encoder else self.layer_scalar
         return h * scalar.astype(h.dtype)
 
-    def _experts(self, r: mx.array) -> mx.array:
+    def _experts(self, r: mx.array, top_k: int | None = None) -> mx.array:
         # The router reads the raw residual; the experts read a separately normed copy.
-        w, idx = self.router(r)
+        w, idx = self.router(r, top_k)
         y = self.experts(self.pre_feedforward_layernorm_2(r), idx)  # [B, S, K, H]
         return (y.astype(mx.float32) * w[..., None]).sum(axis=-2).astype(r.dtype)
 
@@ -276,7 +280,11 @@ class Model(nn.Module):
         mx.async_eval(cache.state)
 
     def decode(
-        self, canvas: mx.array, cache: Cache, self_conditioning: mx.array | None = None
+        self,
+        canvas: mx.array,
+        cache: Cache,
+        self_conditioning: mx.array | None = None,
+        plan=None,
     ) -> mx.array:
         """One denoiser pass over canvas [B, C]: fp32 softcapped logits [B, C, V].
 
@@ -285,6 +293,8 @@ class Model(nn.Module):
             cache: read only; the canvas attends to all of it (sliding layers: to the
                 W-1 slots they keep) and bidirectionally to itself.
             self_conditioning: the previous step's processed logits [B, C, V] or None.
+            plan: a `drafter.plan.SelfDraftPlan`: run this pass as a cheap self-drafter
+                (fewer layers and experts, top-k soft embedding, sub-vocabulary head).
         """
         canvas = mx.array(canvas)
         C = _check_ids(canvas, cache, "canvas")
@@ -294,18 +304,51 @@ class Model(nn.Module):
                 f"self_conditioning: expected logits of shape "
                 f"{(*canvas.shape, self.config.vocab_size)}, got {tuple(sc.shape)}"
             )
+        top_k = None if plan is None else plan.top_k
         e = self.embed_tokens(canvas) * self.embed_scale
-        soft = None if sc is None else self._soft_embed(sc)
+        soft = None if sc is None else self._soft_embed(sc, plan)
         h = self.self_conditioning(e, soft)
         masks = self._masks(cache, lambda n, w: _canvas_mask(cache, n, C))
-        for layer, store, mask in zip(self.layers, cache.layers, masks, strict=True):
-            h = layer(h, store, cache.offset, mask, encoder=False)
-        logits = self.embed_tokens.as_linear(self.norm(h)).astype(mx.float32)
-        cap = self.config.final_logit_softcapping
-        return mx.tanh(logits / cap) * cap
+        for i, (layer, store, mask) in enumerate(
+            zip(self.layers, cache.layers, masks, strict=True)
+        ):
+            if plan is None or plan.keeps(i):
+                h = layer(h, store, cache.offset, mask, encoder=False, top_k=top_k)
+            else:  # a skipped layer still scales the residual stream
+                h = h * layer.layer_scalar.astype(h.dtype)
+        return self._head(self.norm(h), plan)
 
-    def _soft_embed(self, logits: mx.array) -> mx.array:
-        """softmax(logits) @ E * embed_scale: the expected embedding (spec §3.6)."""
+    def _head(self, h: mx.array, plan=None) -> mx.array:
+        """Softcapped fp32 logits over the vocabulary, or over a plan's first
+        `head_vocab` ids (the rest get the plan's fill logit)."""
+        cap = self.config.final_logit_softcapping
+        rows = None if plan is None else plan.head_vocab
+        if rows is None:
+            logits = self.embed_tokens.as_linear(h).astype(mx.float32)
+            return mx.tanh(logits / cap) * cap
+        emb = self.embed_tokens
+        if isinstance(emb, nn.QuantizedEmbedding):
+            kw = dict(transpose=True, group_size=emb.group_size, bits=emb.bits)
+            w = (emb.weight[:rows], emb.scales[:rows], emb.biases[:rows])
+            logits = mx.quantized_matmul(h, *w, **kw)
+        else:
+            logits = h @ emb.weight[:rows].T
+        logits = mx.tanh(logits.astype(mx.float32) / cap) * cap
+        V = self.config.vocab_size
+        fill = mx.full((*logits.shape[:-1], V - rows), plan.fill, mx.float32)
+        return mx.concatenate([logits, fill], axis=-1)
+
+    def _soft_embed(self, logits: mx.array, plan=None) -> mx.array:
+        """softmax(logits) @ E * embed_scale: the expected embedding (spec §3.6);
+        a plan with sc_top_k takes the expectation over each position's top k."""
+        k = None if plan is None else plan.sc_top_k
+        if k is not None:
+            s = logits.astype(mx.float32)
+            idx = mx.argpartition(-s, kth=k - 1, axis=-1)[..., :k]
+            p = mx.softmax(mx.take_along_axis(s, idx, axis=-1), axis=-1)
+            rows = self.embed_tokens(idx)  # [B, C, k, H], dequantized if needed
+            soft = (p.astype(self.dtype)[..., None, :] @ rows).squeeze(-2)
+            return soft * self.embed_scale
         p = mx.softmax(logits.astype(mx.float32), axis=-1).astype(self.dtype)
         emb = self.embed_tokens
         if isinstance(emb, nn.QuantizedEmbedding):

@@ -108,8 +108,8 @@ def test_unknown_backend_and_drafter(tiny_path):
 
     with pytest.raises(ValueError, match="backend"):
         dg.load(tiny_path, backend="jax")
-    with pytest.raises(ValueError, match="drafter"):
-        dg.load(tiny_path, drafter="self")
+    with pytest.raises(ValueError, match="drafter: unknown drafter 'eagle'"):
+        dg.load(tiny_path, drafter="eagle")
 
 
 def _cli(*args):

@@ -30,6 +30,10 @@ class DenoisePolicy:
     entropy_bound: float = 0.1
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
+    # Passes to run in one `denoise` call (None: up to max_steps). The speculative
+    # loop runs a model a few passes at a time; the schedule position carries over
+    # in CanvasState.step.
+    budget: int | None = None
 
     @classmethod
     def from_generation(cls, gen: GenerationConfig) -> DenoisePolicy:
@@ -50,6 +54,13 @@ class DenoisePolicy:
         frac = f(f(n) / f(self.max_steps))
         return float(f(f(self.t_min) + f(f(self.t_max - self.t_min) * frac)))
 
+    def countdown(self, start: int) -> range:
+        """The countdown values n of the passes of one call that starts after `start`
+        passes of this canvas; past max_steps it stays at n = 1 (T just above t_min)."""
+        budget = self.max_steps - start if self.budget is None else self.budget
+        first = self.max_steps - start
+        return range(first, first - max(0, budget), -1)
+
 
 @dataclass
 class CanvasState:
@@ -62,6 +73,11 @@ class CanvasState:
         not counted (reference semantics).
     draw_initial: draw the initial canvas from the noise source even when `canvas` is
         given (the reference always draws it, which keeps replayed streams aligned).
+    step: passes already run on this canvas (by any model): the temperature schedule
+        continues from there.
+    argmax, done, mean_entropy: the last pass's argmax [B, C], the rows that met the
+        stop rule [B] (frozen from then on) and their mean entropies [B]; None on a
+        fresh canvas.
     """
 
     canvas: Any = None
@@ -69,6 +85,10 @@ class CanvasState:
     history: Any = None
     finished: np.ndarray | None = None
     draw_initial: bool = True
+    step: int = 0
+    argmax: Any = None
+    done: Any = None
+    mean_entropy: Any = None
 
 
 @dataclass
@@ -76,10 +96,14 @@ class CanvasResult:
     """What `denoise` returns: one host copy per canvas."""
 
     tokens: np.ndarray  # [B, C] int32, argmax of the last executed step
-    steps: int  # denoising passes run on this canvas
+    steps: int  # denoising passes of the target run on this canvas
     passes: np.ndarray  # [B] passes counted per row (rows stop counting once done)
     state: CanvasState  # final canvas, processed logits, history
     step_stats: dict[str, np.ndarray] = field(default_factory=dict)  # per-step arrays
+    done: np.ndarray | None = None  # [B] rows whose stop rule held (None: not read)
+    drafter_steps: int = 0  # speculative decoding: drafter passes on this canvas
+    verify_rounds: int = 0  # target passes that checked a drafted canvas
+    drafted_kept: int = 0  # tokens of the first draft that the commit kept
 
 
 @dataclass
@@ -89,6 +113,7 @@ class StepView:
     step: int
     argmax: np.ndarray  # [B, C]
     done: np.ndarray  # [B]
+    source: str = "target"  # or "drafter" (speculative decoding)
 
 
 @runtime_checkable

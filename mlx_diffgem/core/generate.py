@@ -170,6 +170,14 @@ def _count(
     stats.target_passes += res.steps
     stats.row_passes += int(res.passes.sum())
     stats.steps_per_canvas.append(res.steps)
+    if res.drafter_steps:
+        stats.drafter_passes += res.drafter_steps
+        stats.drafter_steps_per_canvas.append(res.drafter_steps)
+        stats.verify_rounds += res.verify_rounds
+        finished = res.state.finished
+        live = len(res.tokens) if finished is None else int((~finished).sum())
+        stats.drafted_tokens += live * res.tokens.shape[1]
+        stats.drafted_kept += res.drafted_kept
     real = tokens if gen.pad_token_id is None else tokens[tokens != gen.pad_token_id]
     stats.generated_tokens += int(real.size)
 

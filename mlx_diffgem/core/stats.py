@@ -18,10 +18,14 @@ class Stats:
     generation_time: float = 0.0  # seconds from the first denoising step to the end
     canvases: int = 0
     target_passes: int = 0  # decoder passes of the target (batched passes count once)
-    drafter_passes: int = 0
+    drafter_passes: int = 0  # speculative decoding: the drafter's passes
+    verify_rounds: int = 0  # target passes that checked a drafted canvas
+    drafted_tokens: int = 0  # tokens of first drafts (live rows)
+    drafted_kept: int = 0  # of those, the ones the committed canvas kept
     generated_tokens: int = 0  # new tokens that are not pad, summed over rows
     row_passes: int = 0  # decoder passes counted per row (the reference's denominator)
-    steps_per_canvas: list[int] = field(default_factory=list)
+    steps_per_canvas: list[int] = field(default_factory=list)  # target passes
+    drafter_steps_per_canvas: list[int] = field(default_factory=list)
     peak_memory: int = 0  # bytes
     finish_reason: str | None = None
 
@@ -48,6 +52,15 @@ class Stats:
         s = self.steps_per_canvas
         return sum(s) / len(s) if s else 0.0
 
+    @property
+    def speculative(self) -> bool:
+        return self.drafter_passes > 0
+
+    @property
+    def draft_kept_share(self) -> float:
+        """Share of the first drafts' tokens that the committed canvases kept."""
+        return self.drafted_kept / self.drafted_tokens if self.drafted_tokens else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("peak_memory")
@@ -57,6 +70,7 @@ class Stats:
             "generation_tps",
             "peak_memory_gb",
             "mean_steps_per_canvas",
+            "draft_kept_share",
         ):
             d[name] = getattr(self, name)
         return d
@@ -69,7 +83,18 @@ class Stats:
             f"{self.generation_tps:.1f} tok/s | "
             f"steps/canvas: {self.mean_steps_per_canvas:.1f} | "
             f"tokens/forward: {self.tokens_per_forward:.2f} | "
-            f"peak memory: {self.peak_memory_gb:.3f} GB"
+            + self._draft_summary()
+            + f"peak memory: {self.peak_memory_gb:.3f} GB"
+        )
+
+    def _draft_summary(self) -> str:
+        if not self.speculative:
+            return ""
+        n = max(1, self.canvases)
+        return (
+            f"drafter passes/canvas: {self.drafter_passes / n:.1f}, "
+            f"verifies/canvas: {self.verify_rounds / n:.1f}, "
+            f"draft kept: {100 * self.draft_kept_share:.0f}% | "
         )
 
 
@@ -89,6 +114,7 @@ class Response:
     draft: str | None = None
     finished: bool = False
     finish_reason: str | None = None
+    source: str | None = None  # draft updates: "target" or "drafter" (speculative)
 
     @property
     def is_draft(self) -> bool:

@@ -1,0 +1,34 @@
+"""Drafters for speculative block-verify decoding (DESIGN §4).
+
+load_drafter(target, "self")                       # training-free, default cuts
+load_drafter(target, "self:layers=0,5 top_k=1")    # explicit cuts
+load_drafter(target, "target")                     # the target at full cost
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DRAFTERS = ("self", "self:SETTINGS", "target", "default")
+
+
+def load_drafter(target: Any, spec: str) -> Any:
+    """A drafter for `target` from a `drafter=` argument (see DRAFTERS)."""
+    from .plan import SelfDraftPlan
+    from .self_draft import SelfDrafter
+
+    if not isinstance(spec, str):
+        raise ValueError(f"drafter: expected a string, got {type(spec).__name__}")
+    kind, _, settings = spec.partition(":")
+    if kind == "self":
+        return SelfDrafter(target, SelfDraftPlan.parse(settings, target.config))
+    if kind == "target" and not settings:
+        return SelfDrafter(target, SelfDraftPlan().checked(target.config))
+    if kind == "default" and not settings:
+        raise ValueError(
+            f"drafter: 'default': no drafter is shipped for {target.path}; use "
+            "'self' (training-free)"
+        )
+    raise ValueError(
+        f"drafter: unknown drafter {spec!r}; expected one of {', '.join(DRAFTERS)}"
+    )

@@ -1,0 +1,102 @@
+"""What a training-free self-drafter cuts from the target (numpy only, no backend).
+
+A self-drafter runs the target's own weights cheaply (DESIGN §4): a subset of the
+layers (a skipped layer's output scalar is still applied, so the residual stream
+keeps its scale), fewer experts per token, a top-k self-conditioning soft embedding
+instead of the vocabulary-wide `softmax(s) @ E`, and an LM head over a
+sub-vocabulary (the lowest ids: BPE and SentencePiece vocabularies number tokens
+roughly by frequency). Tokens outside that sub-vocabulary get a logit of FILL, so
+the drafter never proposes them; the target still sees the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mlx_diffgem.core.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class SelfDraftPlan:
+    # Logit of a token outside the drafter's head: exp() underflows to 0, and
+    # 0 * FILL stays finite in the entropy (where -inf would give NaN).
+    fill: ClassVar[float] = -1.0e4
+    layers: tuple[int, ...] | None = None  # decoder layers run (None: all)
+    top_k: int | None = None  # experts per token (None: the config's)
+    sc_top_k: int | None = None  # soft-embedding support (None: whole vocabulary)
+    head_vocab: int | None = None  # LM head rows (None: whole vocabulary)
+
+    @classmethod
+    def auto(cls, config: ModelConfig) -> SelfDraftPlan:
+        """The default cuts: the first third of the layers plus every full-attention
+        layer, half the experts, a 32-token soft embedding, an eighth of the vocab."""
+        L = config.num_hidden_layers
+        keep = {i for i in range(L) if i < max(1, L // 3) or config.is_full(i)}
+        return cls(
+            layers=tuple(sorted(keep)),
+            top_k=max(1, config.top_k_experts // 2),
+            sc_top_k=min(32, config.vocab_size),
+            head_vocab=min(config.vocab_size, max(1024, config.vocab_size // 8)),
+        ).checked(config)
+
+    @classmethod
+    def parse(cls, text: str, config: ModelConfig) -> SelfDraftPlan:
+        """ "auto", "full" (no cuts: the target at full cost) or settings such as
+        "layers=0,1,5 top_k=1 sc_top_k=32 head_vocab=1024" (unset: no cut)."""
+        text = text.strip()
+        if text in ("", "auto"):
+            return cls.auto(config)
+        if text == "full":
+            return cls().checked(config)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values: dict = {}
+        for item in text.replace(";", " ").split():
+            key, sep, val = item.partition("=")
+            if not sep or key not in fields:
+                raise ValueError(
+                    f"drafter: bad self-drafter setting {item!r}; expected "
+                    f"KEY=VALUE with KEY one of {sorted(fields)}"
+                )
+            try:
+                ints = tuple(int(v) for v in val.split(",") if v)
+            except ValueError:
+                raise ValueError(f"drafter: {key}={val!r}: expected integers") from None
+            values[key] = ints if key == "layers" else _one(key, ints)
+        return cls(**values).checked(config)
+
+    def checked(self, config: ModelConfig) -> SelfDraftPlan:
+        """Self, after checking every setting against the target's config."""
+        L, V = config.num_hidden_layers, config.vocab_size
+        if self.layers is not None and (
+            not self.layers
+            or len(set(self.layers)) != len(self.layers)
+            or min(self.layers) < 0
+            or max(self.layers) >= L
+        ):
+            raise ValueError(
+                f"drafter: layers={self.layers}: expected distinct layer indices "
+                f"in [0, {L})"
+            )
+        _bound("top_k", self.top_k, config.num_experts)
+        _bound("sc_top_k", self.sc_top_k, V)
+        _bound("head_vocab", self.head_vocab, V)
+        return self
+
+    def keeps(self, i: int) -> bool:
+        return self.layers is None or i in self.layers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _one(key: str, ints: tuple[int, ...]) -> int:
+    if len(ints) != 1:
+        raise ValueError(f"drafter: {key}: expected one integer, got {ints}")
+    return ints[0]
+
+
+def _bound(name: str, value: int | None, hi: int) -> None:
+    if value is not None and not 1 <= value <= hi:
+        raise ValueError(f"drafter: {name}={value}: expected an integer in [1, {hi}]")

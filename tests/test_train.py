@@ -106,6 +106,30 @@ def test_noise_levels_and_corruption(torch_mod):
     assert abs((changed - t).mean().item()) < 0.02
 
 
+def test_low_noise_power_and_certainty_forcing(torch_mod, model):
+    from cuda_backend import train
+
+    torch = torch_mod
+    target = torch.zeros(64, 32 * C, dtype=torch.long)
+    _, t = train.noise_canvases(
+        target, C, 10_000, torch.Generator().manual_seed(0), power=2.0
+    )
+    assert abs(t.median().item() - 0.25) < 0.02  # u ** 2: median 0.5 ** 2
+    # Entropy counts only where the argmax is right; it is 0 for one-hot logits.
+    logits = torch.tensor([[[9.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 5.0, 0.0]]])
+    right = torch.tensor([[0, 2, 0]])  # only position 0 is predicted right
+    h0 = train.certainty(logits, right, 1.0)
+    p = torch.softmax(logits[0, 0], -1)
+    assert torch.isclose(h0, -(p * p.log()).sum())
+    assert train.certainty(logits, right, 0.1) < h0  # sharper at a lower temperature
+    ids = _ids(torch, 0, 2, P + N * C)
+    gen = torch.Generator().manual_seed(0)
+    obj = train.Objective(cf_weight=0.5)
+    out = train.diffusion_loss(model, ids, P, obj, gen)
+    want = out["diff"] + obj.lb_weight * out["lb"] + 0.5 * out["cf"]
+    assert out["cf"] > 0 and torch.isclose(out["loss"], want)
+
+
 def test_training_reduces_the_loss(torch_mod):
     from cuda_backend import train
 

@@ -30,15 +30,17 @@ class SelfDraftPlan:
 
     @classmethod
     def auto(cls, config: ModelConfig) -> SelfDraftPlan:
-        """The default cuts: the first third of the layers plus every full-attention
-        layer, half the experts, a 32-token soft embedding, an eighth of the vocab."""
+        """The default cuts: every third sliding layer dropped (full-attention layers
+        all kept), half the experts per token, a 32-token soft embedding, a quarter
+        of the vocabulary in the head. On the embedded model this drafter (layers
+        0,1,3,4,5 of 6, top-1) was the best of those tried by wall-clock speed."""
         L = config.num_hidden_layers
-        keep = {i for i in range(L) if i < max(1, L // 3) or config.is_full(i)}
+        keep = [i for i in range(L) if i % 3 != 2 or config.is_full(i)]
         return cls(
-            layers=tuple(sorted(keep)),
+            layers=tuple(keep),
             top_k=max(1, config.top_k_experts // 2),
             sc_top_k=min(32, config.vocab_size),
-            head_vocab=min(config.vocab_size, max(1024, config.vocab_size // 8)),
+            head_vocab=min(config.vocab_size, max(1024, config.vocab_size // 4)),
         ).checked(config)
 
     @classmethod

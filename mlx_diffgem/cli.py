@@ -65,7 +65,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="with --drafter: verify rounds before the model finishes the canvas "
-        "natively (default 3)",
+        "natively (default 8)",
     )
 
 

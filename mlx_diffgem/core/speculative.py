@@ -37,7 +37,7 @@ class SpecPolicy:
 
     draft_steps: int = 16  # drafter passes before the first verify (at most)
     refine_steps: int = 2  # drafter passes between two verifies
-    max_rounds: int = 3  # verifies before the target finishes natively
+    max_rounds: int = 8  # verifies before the target finishes natively
     # The drafter's stop threshold on its mean entropy (None: the target's).
     draft_confidence: float | None = None
     # What a verify pass reads: "argmax", the drafter's argmax canvas (the draft

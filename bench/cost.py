@@ -24,7 +24,9 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from mlx_diffgem.core.config import ModelConfig
 from mlx_diffgem.core.tiny import tiny_config_dict
@@ -237,9 +239,12 @@ def _layer_bytes(lw: LayerWeights, quant: Quant, hit_fraction: float) -> float:
     return dense + experts * hit_fraction + lw.vectors * BF16
 
 
-def _layer_flops(cfg: ModelConfig, lw: LayerWeights, tokens: int) -> float:
+def _layer_flops(
+    cfg: ModelConfig, lw: LayerWeights, tokens: int, top_k: int | None = None
+) -> float:
     dense = lw.numel() - lw.numel("experts")
-    routed = lw.numel("experts") * cfg.top_k_experts / cfg.num_experts
+    k = cfg.top_k_experts if top_k is None else top_k
+    routed = lw.numel("experts") * k / cfg.num_experts
     return 2.0 * tokens * (dense + routed)
 
 
@@ -257,21 +262,36 @@ def kv_bytes_per_token(cfg: ModelConfig, i: int, kv_shared: bool = False) -> int
     return per if kv_shared and cfg.is_full(i) else 2 * per
 
 
-def _stack(cfg: ModelConfig, quant: Quant, tokens: int) -> tuple[float, float, float]:
-    """(layer matmul FLOPs, layer weight bytes, experts hit per layer) for `tokens`."""
-    hit = expected_experts_hit(tokens, cfg.top_k_experts, cfg.num_experts)
+def _stack(
+    cfg: ModelConfig,
+    quant: Quant,
+    tokens: int,
+    layers: Sequence[int] | None = None,
+    top_k: int | None = None,
+) -> tuple[float, float, float]:
+    """(layer matmul FLOPs, layer weight bytes, experts hit per layer) for `tokens`
+    through `layers` (default: all), each routed to `top_k` experts (default: the
+    config's)."""
+    k = cfg.top_k_experts if top_k is None else top_k
+    hit = expected_experts_hit(tokens, k, cfg.num_experts)
     flops = weights = 0.0
-    for i in range(cfg.num_hidden_layers):
+    for i in _layers(cfg, layers):
         lw = layer_weights(cfg, i)
-        flops += _layer_flops(cfg, lw, tokens)
+        flops += _layer_flops(cfg, lw, tokens, k)
         weights += _layer_bytes(lw, quant, hit / cfg.num_experts)
     return flops, weights, hit
 
 
-def _kv_read(cfg: ModelConfig, context: int, kv_shared: bool) -> float:
+def _layers(cfg: ModelConfig, layers: Sequence[int] | None) -> Sequence[int]:
+    return range(cfg.num_hidden_layers) if layers is None else sorted(layers)
+
+
+def _kv_read(
+    cfg: ModelConfig, context: int, kv_shared: bool, layers: Sequence[int] | None = None
+) -> float:
     return sum(
         _cached_keys(cfg, i, context) * kv_bytes_per_token(cfg, i, kv_shared)
-        for i in range(cfg.num_hidden_layers)
+        for i in _layers(cfg, layers)
     )
 
 
@@ -310,39 +330,58 @@ def decoder_cost(
     quant: str = "bf16",
     sampler_passes: float = 5,
     kv_shared: bool = False,
+    plan: Any = None,
 ) -> PassCost:
     """One denoising step over a [batch, canvas] canvas with `context` cached tokens.
 
     `sampler_passes`: fp32 [B, C, V] tensors the sampler writes per step. The default 5
     is the naive count of spec §5.2 (softcapped logits, processed logits, probabilities,
     the entropy's log-softmax, the self-conditioning softmax); a fused sampler is ~1.
+
+    `plan`: a `drafter.plan.SelfDraftPlan` (or anything with its four fields): the
+    cost of one self-drafter pass instead. Only the kept layers run (their matmuls,
+    attention and KV reads), each token reaches `top_k` experts, the soft embedding
+    is a `sc_top_k`-row weighted sum (2 C k H FLOPs, the gathered rows read) instead
+    of softmax(s) @ E, and the LM head has `head_vocab` rows. The sampler still
+    writes [C, V] tensors (the drafter's logits are filled out to the vocabulary). A
+    plan with no cuts costs exactly a target step.
     """
     q, B, C = get_quant(quant), batch, canvas or cfg.canvas_length
     H, V, T = cfg.hidden_size, cfg.vocab_size, batch * C
-    layer_flops, layer_bytes, hit = _stack(cfg, q, T)
+    kept = None if plan is None else plan.layers
+    top_k = None if plan is None else plan.top_k
+    head = V if plan is None or plan.head_vocab is None else plan.head_vocab
+    soft_k = None if plan is None else plan.sc_top_k
+    layer_flops, layer_bytes, hit = _stack(cfg, q, T, kept, top_k)
     sc = _sc_mlp(cfg)
     attn = sum(
         4.0 * cfg.num_attention_heads * cfg.layer_head_dim(i) * T
         * (_cached_keys(cfg, i, context) + C)
-        for i in range(cfg.num_hidden_layers)
+        for i in _layers(cfg, kept)
     )  # fmt: skip
     flops = {
         "layers": layer_flops,
         "sc_mlp": 2.0 * T * sum(m.numel for m in sc),
-        "lm_head": 2.0 * T * V * H,
-        "soft_embedding": 2.0 * T * V * H,
+        "lm_head": 2.0 * T * head * H,
+        "soft_embedding": 2.0 * T * (V if soft_k is None else soft_k) * H,
         "attention": attn,
     }
     embed = q.matrix_bytes(_embedding(cfg))
+    head_bytes = embed if head == V else q.matrix_bytes(_embedding(cfg, head))
+    soft_bytes = (
+        embed if soft_k is None else q.matrix_bytes(_embedding(cfg, min(T * soft_k, V)))
+    )
     nbytes = {
-        # every parameter once: stack, SC MLP + pre_norm, final norm, embedding
+        # every parameter once: stack, SC MLP + pre_norm, final norm, embedding (a
+        # drafter's head reads its `head_vocab` rows)
         "weights": layer_bytes
         + sum(q.matrix_bytes(m) for m in sc)
         + 2 * H * BF16
-        + embed,
-        # the soft embedding reads the table again; the canvas rows are gathered
-        "embedding_reread": embed + q.matrix_bytes(_embedding(cfg, min(T, V))),
-        "kv_read": B * _kv_read(cfg, context, kv_shared),
+        + head_bytes,
+        # the soft embedding reads the table again (a top-k one: the gathered rows);
+        # the canvas rows are gathered
+        "embedding_reread": soft_bytes + q.matrix_bytes(_embedding(cfg, min(T, V))),
+        "kv_read": B * _kv_read(cfg, context, kv_shared, kept),
         "sampler": sampler_passes * T * V * FP32,
     }
     return PassCost("decoder", B, C, context, hit, flops, nbytes)
@@ -443,10 +482,14 @@ class Estimate:
     speculative_canvas_s: float
     speculative_tokens_per_s: float
     weights_fit_in_memory: bool
+    drafter_step: Floor | None = None  # one drafter pass, when given as a PassCost
+    drafter_cost: float | None = None  # drafter pass / target step used (floor ratio)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(step=self.step.to_dict(), encoder=self.encoder.to_dict())
+        if self.drafter_step is not None:
+            d["drafter_step"] = self.drafter_step.to_dict()
         return d
 
 
@@ -456,11 +499,17 @@ def estimate(
     device: Device,
     schedule: Schedule = Schedule(),
     basis: str = "peak",
+    drafter: PassCost | None = None,
 ) -> Estimate:
-    """Canvas time and tokens/s: S steps (or verifies + drafts) + one canvas commit."""
+    """Canvas time and tokens/s: S steps (or verifies + drafts) + one canvas commit.
+
+    `drafter`: the cost of one drafter pass (`decoder_cost(..., plan=...)`); its floor
+    on `device` replaces `schedule.drafter_cost` (a fraction of a target step)."""
     step, enc = floor(decoder, device, basis), floor(encoder, device, basis)
     native = schedule.steps_per_canvas * step.floor_s + enc.floor_s
-    drafts = schedule.drafter_passes * schedule.drafter_cost
+    draft = None if drafter is None else floor(drafter, device, basis)
+    ratio = schedule.drafter_cost if draft is None else draft.floor_s / step.floor_s
+    drafts = schedule.drafter_passes * ratio
     spec = (schedule.target_passes + drafts) * step.floor_s + enc.floor_s
     tokens = decoder.batch * decoder.tokens
     flops_per_s, bytes_per_s = device.rates(basis)
@@ -476,7 +525,180 @@ def estimate(
         speculative_canvas_s=spec,
         speculative_tokens_per_s=tokens / spec,
         weights_fit_in_memory=decoder.bytes["weights"] <= device.memory_gb.value * 1e9,
+        drafter_step=draft,
+        drafter_cost=ratio,
     )
+
+
+# -- self-drafter --------------------------------------------------------------------
+
+
+def self_draft_plan(cfg: ModelConfig, spec: str = "auto") -> Any:
+    """A SelfDraftPlan for `cfg` from a drafter argument: "auto" / "self" (the
+    default cuts), "full" / "target" (no cuts), or "self:layers=0,5 top_k=1 ..."."""
+    from drafter.plan import SelfDraftPlan
+
+    kind, _, settings = spec.partition(":")
+    if kind == "target" and not settings:
+        return SelfDraftPlan().checked(cfg)
+    return SelfDraftPlan.parse(settings if kind == "self" else spec, cfg)
+
+
+def self_draft_cost(
+    cfg: ModelConfig,
+    plan: Any = None,
+    context: int = 512,
+    *,
+    canvas: int | None = None,
+    batch: int = 1,
+    quant: str = "bf16",
+    sampler_passes: float = 5,
+    kv_shared: bool = False,
+    devices: Sequence[Device] = (),
+) -> dict:
+    """One self-drafter pass (`plan`; default SelfDraftPlan.auto) next to one target
+    step: FLOPs and bytes by part, their ratios, and the roofline floor ratio on each
+    of `devices` (peak basis)."""
+    plan = self_draft_plan(cfg) if plan is None else plan
+    kw = dict(
+        canvas=canvas,
+        batch=batch,
+        quant=quant,
+        sampler_passes=sampler_passes,
+        kv_shared=kv_shared,
+    )
+    target = decoder_cost(cfg, context, **kw)
+    draft = decoder_cost(cfg, context, plan=plan, **kw)
+    return {
+        "plan": plan.to_dict(),
+        "context": context,
+        "canvas_length": target.tokens,
+        "batch": batch,
+        "quant": quant,
+        "target": _pass_summary(target),
+        "drafter": _pass_summary(draft),
+        "flops_ratio": draft.total_flops / target.total_flops,
+        "bytes_ratio": draft.total_bytes / target.total_bytes,
+        "floor_ratio": {
+            d.name: floor(draft, d).floor_s / floor(target, d).floor_s for d in devices
+        },
+    }
+
+
+def _pass_summary(cost: PassCost) -> dict:
+    return {
+        "flops": cost.total_flops,
+        "bytes": cost.total_bytes,
+        "flops_by_part": dict(cost.flops),
+        "bytes_by_part": dict(cost.bytes),
+        "experts_hit_per_layer": cost.experts_hit_per_layer,
+    }
+
+
+# -- published figures and the speculative projection --------------------------------
+
+ANCHORS = "reference/anchors.md"  # /work/shared/reference/anchors.md, as of 2026-11
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published single-stream figure of the released 26B-A4B on one device."""
+
+    device: str
+    engine: str
+    quant: str
+    tokens_per_s: float  # DiffusionGemma (native decoding)
+    steps_per_canvas: str | None  # as reported
+    autoregressive_tokens_per_s: float | None  # Gemma 4 26B-A4B, same machine
+    source: str = ANCHORS + ": DiffusionGemma on Apple silicon"
+
+
+PUBLISHED = [
+    Published("M3 Ultra", "mlx-vlm", "8-bit", 42.8, None, 60.9),
+    Published("M1 Ultra", "mlxcel", "4-bit", 15.0, "26-28", 71.3),
+    Published("M5 Pro", "mlx-vlm stock", "4-bit", 22.5, None, None),  # 19-26
+    Published("M5 Max", "vmlx-swift", "MXFP4", 36.8, "32.7", 81.0),  # AR ~81
+    Published("M5 Max", "vmlx-swift", "MXFP8", 42.3, "22.7", 81.0),
+    Published("M4 Pro", "MLX", "4-bit", 5.4, None, 38.0),
+]
+PROJECTION_DEVICES = ("M1 Ultra", "M4 Max", "M5 Max")  # M4 Max: nothing published
+
+
+def published(device: str) -> list[dict]:
+    return [asdict(p) for p in PUBLISHED if p.device == device]
+
+
+def project_speculative(
+    native_passes: float,
+    spec_passes: float,
+    drafter_passes: float,
+    *,
+    drafter_cost: float | None = None,
+    plan: Any = None,
+    preset: str = "diffusiongemma-26b-a4b",
+    cfg: ModelConfig | None = None,
+    context: int = 512,
+    quant: str = "4bit",
+    sampler_passes: float = 5,
+    devices: Sequence[str] = PROJECTION_DEVICES,
+) -> dict:
+    """Tokens/s of the released model (`preset`, or `cfg`) from measured pass
+    counts per canvas: native = S target steps + 1 commit; speculative = S' target
+    passes + D drafter passes + 1 commit, on the roofline floor of each device of the
+    table (peak, and measured where known). A drafter pass costs `drafter_cost` target
+    steps, or (None) the floor of `plan` (default SelfDraftPlan.auto of the config)
+    on that device. Next to each: the published native and autoregressive figures and
+    the published native figure scaled by the projected speedup."""
+    model = preset if cfg is None else "config"
+    cfg = load_preset(preset) if cfg is None else cfg
+    plan = self_draft_plan(cfg) if plan is None and drafter_cost is None else plan
+    kw = dict(quant=quant)
+    dec = decoder_cost(cfg, context, sampler_passes=sampler_passes, **kw)
+    enc = encoder_cost(cfg, cfg.canvas_length, context, **kw)
+    draft = None
+    if drafter_cost is None:
+        draft = decoder_cost(
+            cfg, context, sampler_passes=sampler_passes, plan=plan, **kw
+        )
+    sched = Schedule(
+        native_passes, spec_passes, drafter_passes, 0.0 if draft else drafter_cost
+    )
+    out = {}
+    for name in devices:
+        dev = get_device(name)
+        bases = {}
+        for basis in _bases(dev):
+            e = estimate(dec, enc, dev, sched, basis, draft)
+            bases[basis] = {
+                "step_ms": e.step.floor_s * 1e3,
+                "drafter_pass_ms": e.drafter_cost * e.step.floor_s * 1e3,
+                "drafter_cost": e.drafter_cost,
+                "native_tokens_per_s": e.native_tokens_per_s,
+                "speculative_tokens_per_s": e.speculative_tokens_per_s,
+                "speedup": e.native_canvas_s / e.speculative_canvas_s,
+            }
+        pubs = published(name)
+        speedup = bases["peak"]["speedup"]
+        for p in pubs:
+            p["scaled_by_speedup"] = p["tokens_per_s"] * speedup
+        out[name] = {"floor": bases, "published": pubs}
+    return {
+        "model": model,
+        "context": context,
+        "canvas_length": cfg.canvas_length,
+        "quant": quant,
+        "passes_per_canvas": {
+            "native_target": native_passes,
+            "speculative_target": spec_passes,
+            "speculative_drafter": drafter_passes,
+        },
+        "drafter_plan": None if plan is None else plan.to_dict(),
+        "drafter_cost_given": drafter_cost,
+        "devices": out,
+        "method": "roofline floor per pass (bench.cost.estimate): canvas = passes x "
+        "floor + one encoder commit; `scaled_by_speedup` = the published native "
+        "tok/s x the projected native/speculative canvas-time ratio (peak basis)",
+    }
 
 
 # -- report --------------------------------------------------------------------------
@@ -509,8 +731,13 @@ def report(
     sampler_passes: float = 5,
     kv_shared: bool = False,
     devices: list[Device] | None = None,
+    drafter: str | None = None,
 ) -> dict:
-    """Everything `python -m bench.cost --json` prints, as a dict."""
+    """Everything `python -m bench.cost --json` prints, as a dict.
+
+    `drafter`: a self-drafter plan ("auto", "full", "layers=0,5 top_k=1 ..."): its
+    pass cost next to the target step's, and the speculative estimates charge each
+    drafter pass its own floor instead of `schedule.drafter_cost`."""
     C = canvas or cfg.canvas_length
     kw = dict(batch=batch, kv_shared=kv_shared)
     dec = decoder_cost(
@@ -521,9 +748,19 @@ def report(
         name: decoder_cost(cfg, context, canvas=C, quant=name, **kw).bytes["weights"]
         for name in QUANTS
     }
+    devs = list(DEVICES.values()) if devices is None else devices
+    plan = None if drafter is None else self_draft_plan(cfg, drafter)
+    draft = None
+    if plan is not None:
+        draft = decoder_cost(
+            cfg, context, canvas=C, quant=quant, sampler_passes=sampler_passes,
+            plan=plan, **kw,
+        )  # fmt: skip
     per_device = {
-        d.name: {b: estimate(dec, enc, d, schedule, b).to_dict() for b in _bases(d)}
-        for d in (list(DEVICES.values()) if devices is None else devices)
+        d.name: {
+            b: estimate(dec, enc, d, schedule, b, draft).to_dict() for b in _bases(d)
+        }
+        for d in devs
     }
     S = schedule.steps_per_canvas
     return {
@@ -548,6 +785,19 @@ def report(
             "bytes": S * dec.total_bytes + enc.total_bytes,
         },
         "schedule": asdict(schedule),
+        "drafter": None
+        if plan is None
+        else self_draft_cost(
+            cfg,
+            plan,
+            context,
+            canvas=C,
+            batch=batch,
+            quant=quant,
+            sampler_passes=sampler_passes,
+            kv_shared=kv_shared,
+            devices=devs,
+        ),  # fmt: skip
         "devices": per_device,
         "assumptions": ASSUMPTIONS,
     }
@@ -585,6 +835,7 @@ def _text(rep: dict) -> str:
         "  flops: " + ", ".join(f"{k} {_si(v)}" for k, v in d["flops"].items()),
         "  bytes: " + ", ".join(f"{k} {_si(v)}" for k, v in d["bytes"].items()),
         f"encoder commit: {_si(e['total_flops'])}FLOP, {_si(e['total_bytes'])}B",
+        *_drafter_text(rep.get("drafter")),
         f"{'device':<14}{'basis':<10}{'step ms':>9}{'bound':>9}"
         f"{'native tok/s':>14}{'spec tok/s':>12}{'fits':>6}",
     ]
@@ -595,6 +846,45 @@ def _text(rep: dict) -> str:
                 f"{e['step']['bound']:>9}{e['native_tokens_per_s']:>14.0f}"
                 f"{e['speculative_tokens_per_s']:>12.0f}"
                 f"{'yes' if e['weights_fit_in_memory'] else 'no':>6}"
+            )
+    return "\n".join(lines)
+
+
+def _drafter_text(d: dict | None) -> list[str]:
+    if d is None:
+        return []
+    plan = ", ".join(f"{k}={v}" for k, v in d["plan"].items() if v is not None)
+    t, x = d["drafter"], d["target"]
+    return [
+        f"self-drafter pass ({plan or 'no cuts'}): {_si(t['flops'])}FLOP, "
+        f"{_si(t['bytes'])}B = {d['flops_ratio']:.3f} of the step's FLOPs, "
+        f"{d['bytes_ratio']:.3f} of its bytes",
+        "  flops: " + ", ".join(f"{k} {_si(v)}" for k, v in t["flops_by_part"].items()),
+        f"  (target step: {_si(x['flops'])}FLOP, {_si(x['bytes'])}B)",
+    ]
+
+
+def _projection_text(proj: dict) -> str:
+    n = proj["passes_per_canvas"]
+    lines = [
+        f"projection ({proj['model']}, {proj['quant']}, context {proj['context']}): "
+        f"native {n['native_target']:g} target passes/canvas; speculative "
+        f"{n['speculative_target']:g} target + {n['speculative_drafter']:g} drafter",
+        f"{'device':<10}{'basis':<10}{'draft cost':>11}{'native tok/s':>14}"
+        f"{'spec tok/s':>12}{'speedup':>9}  published native / AR tok/s",
+    ]
+    for name, d in proj["devices"].items():
+        pubs = "; ".join(
+            f"{p['tokens_per_s']:g} ({p['engine']} {p['quant']}) -> "
+            f"{p['scaled_by_speedup']:.1f} / AR {p['autoregressive_tokens_per_s']}"
+            for p in d["published"]
+        )
+        for basis, e in d["floor"].items():
+            note = (pubs or "none published") if basis == "peak" else ""
+            lines.append(
+                f"{name:<10}{basis:<10}{e['drafter_cost']:>11.3f}"
+                f"{e['native_tokens_per_s']:>14.1f}"
+                f"{e['speculative_tokens_per_s']:>12.1f}{e['speedup']:>9.3f}  {note}"
             )
     return "\n".join(lines)
 
@@ -619,12 +909,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler-passes", type=float, default=5)
     p.add_argument("--kv-shared", action="store_true", help="k==v layers store once")
     p.add_argument(
+        "--drafter",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PLAN",
+        help="a self-drafter pass's cost (auto, full, or 'layers=0,5 top_k=1 "
+        "sc_top_k=32 head_vocab=1024'); speculative estimates charge its floor",
+    )
+    p.add_argument(
+        "--project",
+        type=_three_floats,
+        default=None,
+        metavar="NATIVE,SPEC,DRAFTER",
+        help="project tokens/s on M1 Ultra, M4 Max, M5 Max from measured target "
+        "passes per canvas (native, speculative) and drafter passes per canvas",
+    )
+    p.add_argument(
         "--measure",
         action="store_true",
         help="measure this machine (device this-machine)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def _three_floats(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected NATIVE,SPEC,DRAFTER passes per canvas, got {text!r}"
+        )
+    return values  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -647,6 +966,7 @@ def main(argv: list[str] | None = None) -> int:
             devices = [get_device(args.device, extra)]
         elif extra:
             devices = [*DEVICES.values(), *extra.values()]
+        plan = self_draft_plan(cfg, args.drafter or "auto")
     except ValueError as e:
         p.error(str(e))
     schedule = Schedule(
@@ -665,8 +985,19 @@ def main(argv: list[str] | None = None) -> int:
         sampler_passes=args.sampler_passes,
         kv_shared=args.kv_shared,
         devices=devices,
+        drafter=args.drafter,
     )
     rep["preset"] = None if args.config else args.preset
+    if args.project:
+        rep["projection"] = project_speculative(
+            *args.project,
+            plan=plan,
+            preset=args.preset,
+            cfg=cfg if args.config else None,
+            context=args.context,
+            quant=args.quant,
+            sampler_passes=args.sampler_passes,
+        )
     if measured:
         rep["measured"] = measured
     if args.json:
@@ -676,6 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
         bw, mm = measured["bandwidth_gbs"]["value"], measured["matmul_tflops"]["value"]
         print(f"this machine: {mm:.3f} TFLOP/s fp32 matmul, {bw:.1f} GB/s copy")
     print(_text(rep))
+    if args.project:
+        print(_projection_text(rep["projection"]))
     return 0
 
 

@@ -4,7 +4,8 @@
 
 Reads every `*.json` record of schema `mlx-diffgem-bench/1` (other JSON files are
 skipped), keeps the newest record per (suite, device, backend, preset, precision,
-batch), and writes REPORT.md, tokens_per_s.png and step_vs_context.png. Everything
+batch, drafter), and writes REPORT.md, tokens_per_s.png, step_vs_context.png and, with
+spec records, speculative.png. Everything
 comes from the JSON files: nothing is measured here. With --readme, the tables also
 replace the block between the report markers of that file.
 """
@@ -74,6 +75,7 @@ def key(rec: dict) -> tuple:
         rec["model"]["preset"],
         precision(rec),
         rec["settings"]["batch"],
+        (rec.get("drafter") or {}).get("name") or "",
     )
 
 
@@ -198,6 +200,157 @@ def sources(records: list[dict]) -> str:
     return _md(["record", "created (UTC)", "git", "OMP threads", "load avg"], rows)
 
 
+# -- speculative decoding --------------------------------------------------------------
+
+
+def _by_suite(records: list[dict], suite: str) -> list[dict]:
+    return [r for r in records if r["suite"] == suite]
+
+
+def _pair(a: float | None, b: float | None, digits: int = 2) -> str:
+    return f"{_f(a, digits)} / {_f(b, digits)}"
+
+
+def _pct(x: float | None) -> str:
+    return DASH if x is None else f"{100 * x:.0f}%"
+
+
+def spec_table(records: list[dict]) -> str:
+    """Native vs speculative decoding, one row per spec record (backend, drafter)."""
+    rows = []
+    for rec in _by_suite(records, "spec"):
+        n, s, r = rec["native"], rec["speculative"], rec["ratios"]
+        tp = "target_passes_per_canvas"
+        lo, hi = r["paired_min_max"]
+        rows.append(
+            [device_label(rec), backend_label(rec), rec["model"]["preset"]]
+            + [rec["drafter"]["name"]]
+            + [_f(n[tp]["mean"], 2), _f(s[tp]["mean"], 2)]
+            + [_f(s["drafter_passes_per_canvas"]["mean"], 2)]
+            + [_f(s["verify_rounds_per_canvas"]["mean"], 2)]
+            + [_pct(s["draft_kept_share"])]
+            + [_pair(n["tokens_per_target_pass"], s["tokens_per_target_pass"])]
+            + [_f(n["tokens_per_s"]), _f(s["tokens_per_s"])]
+            + [f"{r['tokens_per_s_spec_over_native']:.3f} ({lo:.2f}-{hi:.2f})"]
+            + [f"{_pct(n['parse_rate'])} / {_pct(s['parse_rate'])}"]
+            + [_pair(n["committed_entropy"], s["committed_entropy"])]
+            + [_pair(n.get("distinct_bigram_share"), s.get("distinct_bigram_share"))]
+        )
+    header = ["device", "backend", "model", "drafter", "target passes/canvas native"]
+    header += ["spec", "drafter passes/canvas", "verifies/canvas", "draft kept"]
+    header += ["tok/target pass native / spec", "tok/s native", "tok/s spec"]
+    header += ["spec/native tok/s (paired range)", "parse rate native / spec"]
+    header += ["committed entropy native / spec", "distinct bigrams native / spec"]
+    return _md(header, rows)
+
+
+def spec_cost_table(records: list[dict]) -> str:
+    """Measured self-drafter pass / target pass next to the cost model's ratios."""
+    rows = []
+    for rec in _by_suite(records, "spec-cost"):
+        for point in rec["results"]:
+            for name, d in point["drafters"].items():
+                lo, hi = d["paired_min_max"]
+                rows.append(
+                    [device_label(rec), backend_label(rec), rec["model"]["preset"]]
+                    + [precision(rec), str(point["context"]), name]
+                    + [_plan(d["plan"])]
+                    + [_f(point["target_ms"]["median"], 3)]
+                    + [_f(d["drafter_ms"]["median"], 3)]
+                    + [f"{d['measured_ratio']:.3f} ({lo:.2f}-{hi:.2f})"]
+                    + [f"{d['predicted_flops_ratio']:.3f}"]
+                    + [_f(d.get("predicted_floor_ratio"), 3)]
+                )
+    header = ["device", "backend", "preset", "precision", "context", "drafter"]
+    header += ["plan", "target ms", "drafter ms", "measured ratio (paired range)"]
+    header += ["predicted FLOP ratio", "predicted floor ratio"]
+    return _md(header, rows)
+
+
+def _plan(plan: dict) -> str:
+    parts = []
+    for k, v in plan.items():
+        if v is None:
+            continue
+        v = ",".join(map(str, v)) if isinstance(v, list | tuple) else v
+        parts.append(f"{k}={v}")
+    return " ".join(parts) or "no cuts"
+
+
+def projection_table(records: list[dict]) -> str:
+    """The released model's projected tokens/s from each spec record's pass counts."""
+    rows = []
+    for rec in _by_suite(records, "spec"):
+        proj = rec.get("projection")
+        if not proj:
+            continue
+        for dev, d in proj["devices"].items():
+            e = d["floor"]["peak"]
+            pubs = d["published"] or [{}]
+            for p in pubs:
+                rows.append(
+                    [device_label(rec), backend_label(rec), rec["drafter"]["name"]]
+                    + [dev, proj["quant"], f"{e['drafter_cost']:.3f}"]
+                    + [_f(e["native_tokens_per_s"]), _f(e["speculative_tokens_per_s"])]
+                    + [f"{e['speedup']:.3f}"]
+                    + [_published(p), _f(p.get("autoregressive_tokens_per_s"))]
+                    + [_f(p.get("scaled_by_speedup"))]
+                )
+    header = ["measured on", "backend", "drafter", "projected device", "quant"]
+    header += ["drafter pass / target step", "native tok/s (floor)"]
+    header += ["spec tok/s (floor)", "speedup", "published native tok/s"]
+    header += ["published AR tok/s", "published native x speedup"]
+    return _md(header, rows)
+
+
+def _published(p: dict) -> str:
+    if not p:
+        return "none published"
+    return f"{_f(p['tokens_per_s'])} ({p['engine']}, {p['quant']})"
+
+
+def released_cost_lines(records: list[dict]) -> str:
+    """The cost model's self-drafter ratio on the released shape (spec-cost records)."""
+    seen, lines = set(), []
+    for rec in _by_suite(records, "spec-cost"):
+        rel = rec.get("released")
+        if not rel:
+            continue
+        line = (
+            f"- Released shape ({rel['quant']}, context {rel['context']}), plan "
+            f"`{_plan(rel['plan'])}`: a self-drafter pass is {rel['flops_ratio']:.3f} "
+            f"of a target step's FLOPs and {rel['bytes_ratio']:.3f} of its bytes "
+            "(cost model)."
+        )
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def spec_tables(records: list[dict]) -> str:
+    """The "Speculative decoding" section ("" without spec / spec-cost records)."""
+    if not (_by_suite(records, "spec") or _by_suite(records, "spec-cost")):
+        return ""
+    parts = [
+        "### Speculative decoding (trained default model, held-out function prompts; "
+        "native and speculative interleaved in one process, same prompts and seeds)",
+        spec_table(records),
+        "### Self-drafter pass cost (random-weight presets; measured / target pass, "
+        "interleaved, next to the cost model)",
+        spec_cost_table(records),
+    ]
+    released = released_cost_lines(records)
+    if released:
+        parts.append(released)
+    parts += [
+        "### Projection to the released model (roofline floor, peak rates, from the "
+        "measured passes per canvas; published figures from reference/anchors.md)",
+        projection_table(records),
+    ]
+    return "\n\n".join(parts)
+
+
 # -- plots -----------------------------------------------------------------------------
 
 
@@ -235,6 +388,45 @@ def plot_tokens(records: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("tokens/s (log)")
     ax.set_title("Tokens/s by device and mode (random weights)")
     ax.legend(fontsize=8, ncol=2)
+    return _save(fig, path)
+
+
+def plot_spec(records: list[dict], path: Path) -> Path | None:
+    """Bars: target passes per canvas native vs speculative (+ drafter passes), per
+    spec record (device, backend, drafter)."""
+    recs = _by_suite(records, "spec")
+    if not recs:
+        return None
+    plt = _plt()
+    tp = "target_passes_per_canvas"
+    series = [
+        ("native: target passes", lambda r: r["native"][tp]["mean"], None),
+        ("speculative: target passes", lambda r: r["speculative"][tp]["mean"], None),
+        (
+            "speculative: drafter passes",
+            lambda r: r["speculative"]["drafter_passes_per_canvas"]["mean"],
+            "//",
+        ),
+    ]
+    groups = [
+        f"{device_label(r)}\n{backend_label(r)}, {r['model']['preset']}\n"
+        f"drafter {r['drafter']['name']}"
+        for r in recs
+    ]
+    fig, ax = plt.subplots(figsize=(max(7, 3.2 * len(recs)), 5.5))
+    width, top = 0.8 / len(series), 0.0
+    for i, (label, get, hatch) in enumerate(series):
+        xs = [g + i * width for g in range(len(recs))]
+        ys = [get(r) for r in recs]
+        rects = ax.bar(
+            xs, ys, width, label=label, hatch=hatch, alpha=0.6 if hatch else 1
+        )
+        ax.bar_label(rects, labels=[_f(y, 1) for y in ys], fontsize=7)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(recs))], groups, fontsize=7)
+    ax.set_ylim(0, 1.3 * top or 1)  # room for the legend above the bars
+    ax.set_ylabel("passes per canvas (mean)")
+    ax.set_title("Target passes per canvas: native vs speculative, per drafter")
+    ax.legend(fontsize=8, loc="upper right", ncol=3)
     return _save(fig, path)
 
 
@@ -310,7 +502,8 @@ def tables(records: list[dict]) -> str:
         "### Step time (ms) vs context length",
         context_table(records),
     ]
-    return "\n\n".join(parts) + "\n"
+    spec = spec_tables(records)
+    return "\n\n".join(parts + ([spec] if spec else [])) + "\n"
 
 
 def build(paths: Sequence[str | Path], out: str | Path, readme: Path | None = None):
@@ -323,6 +516,7 @@ def build(paths: Sequence[str | Path], out: str | Path, readme: Path | None = No
     pngs = [
         plot_tokens(records, out / "tokens_per_s.png"),
         plot_context(records, out / "step_vs_context.png"),
+        plot_spec(records, out / "speculative.png"),
     ]
     pngs = [p for p in pngs if p is not None]
     body = [

@@ -4,10 +4,15 @@
         --context 64,512,2048 --repeats 5 --measure --out bench/results/
     python -m bench.run peers --backend torch --preset mid --context 512
     python -m bench.run generate --backend mlx --preset tiny --canvases 4
+    python -m bench.run spec --backend mlx --drafter self --drafter target \\
+        --prompts 6 --max-tokens 128 --repeats 3
+    python -m bench.run spec-cost --backend torch --preset mid --context 512
 
-Suites: step | prefill | generate | peers | spec (not implemented yet). The weights are
-random (presets tiny | mid | released, built on first use into $DIFFGEM_HOME/bench).
-The last stdout line is a JSON summary with the record's path.
+Suites: step | prefill | generate | peers | spec | spec-cost. The weights are random
+(presets tiny | mid | released, built on first use into $DIFFGEM_HOME/bench), except
+for `spec`, which runs the trained default model (or --model) on held-out prompts and
+writes one record per --drafter. The last stdout line is a JSON summary with the
+record's path (spec: the list of records).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-SUITES = ("step", "prefill", "generate", "peers", "spec")
+SUITES = ("step", "prefill", "generate", "peers", "spec", "spec-cost")
+SPEC_SUITES = ("spec", "spec-cost")
+DEFAULT_REPEATS = {"spec": 3}  # others: 5
 PRESETS = ("tiny", "mid", "released")
 QUANTS = ("4bit", "8bit", "mixed", "int8")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -43,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("suite", choices=SUITES)
     p.add_argument("--backend", default="mlx", choices=["mlx", "torch"])
-    p.add_argument("--preset", default="tiny", choices=PRESETS)
+    p.add_argument(
+        "--preset", default=None, choices=PRESETS, help="default tiny (not for spec)"
+    )
     p.add_argument("--device", default=None, help="torch backend: cuda, cpu or mps")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, choices=QUANTS)
@@ -65,8 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int_list, default=[512], help="e.g. 64,512,2048")
     p.add_argument("--canvas", type=int, default=None, help="canvas length override")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=8, help="steps per timed canvas")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=8,
+        help="steps per timed canvas (spec-cost: passes per model per repeat)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats (5; spec: 3)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
     p.add_argument(
         "--canvases", type=int, default=2, help="generate: canvases per call"
@@ -85,6 +102,24 @@ def _parser() -> argparse.ArgumentParser:
         help="peers: transformers,mlx_vlm (default: transformers for torch, "
         "mlx_vlm for mlx)",
     )
+    p.add_argument(
+        "--drafter",
+        action="append",
+        default=None,
+        help="spec, spec-cost: a drafter (self, 'self:layers=0,5 top_k=1 ...', "
+        "target); repeat the option for several (default: self)",
+    )
+    p.add_argument(
+        "--model", default=None, help="spec: model folder (default: embedded)"
+    )
+    p.add_argument("--prompts", type=int, default=6, help="spec: held-out prompts")
+    p.add_argument("--max-tokens", type=int, default=128, help="spec: new tokens")
+    p.add_argument("--spec-draft-steps", type=int, default=None, help="SpecPolicy")
+    p.add_argument("--spec-refine-steps", type=int, default=None, help="SpecPolicy")
+    p.add_argument("--spec-max-rounds", type=int, default=None, help="SpecPolicy")
+    p.add_argument(
+        "--spec-draft-confidence", type=float, default=None, help="SpecPolicy"
+    )
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (BLAS/torch)")
@@ -94,7 +129,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _defaults(args: argparse.Namespace) -> None:
+    """Suite-dependent defaults (the parser's None)."""
+    if args.repeats is None:
+        args.repeats = DEFAULT_REPEATS.get(args.suite, 5)
+    if args.preset is None and args.suite != "spec":
+        args.preset = "tiny"
+    if args.drafter is None and args.suite in SPEC_SUITES:
+        args.drafter = ["self"]
+
+
+def _check_spec(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.suite not in SPEC_SUITES:
+        spec_only = ("drafter", "model", "spec_draft_steps", "spec_refine_steps")
+        spec_only += ("spec_max_rounds", "spec_draft_confidence")
+        given = [k for k in spec_only if getattr(args, k) is not None]
+        if given:
+            p.error(f"--{given[0].replace('_', '-')}: only for the spec suites")
+        return
+    if args.compile:
+        p.error(f"{args.suite}: no --compile (drafter passes run the eager model)")
+    if len(set(args.drafter)) != len(args.drafter):
+        p.error("--drafter: each drafter once")
+    if args.suite == "spec":
+        if args.preset is not None:
+            p.error("spec: runs the trained default model (or --model), no --preset")
+        if args.weights != "checkpoint":
+            p.error("spec: --weights device is for random presets")
+        if args.batch != 1:
+            p.error("spec: batch 1 only")
+        if args.prompts < 1 or args.max_tokens < 1:
+            p.error("--prompts and --max-tokens must be >= 1")
+    elif args.model is not None:
+        p.error("--model: only for spec (spec-cost runs --preset)")
+
+
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _defaults(args)
+    _check_spec(p, args)
     if args.steps < 4:
         p.error("--steps must be >= 4 (steps 3..S-1 are timed)")
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.canvases < 1:
@@ -125,16 +197,21 @@ def _set_threads(n: int | None) -> None:
         print("note: --threads set after numpy was imported", file=sys.stderr)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the suite of `args` and return its record (does not write it)."""
+def run(args: argparse.Namespace) -> dict | list[dict]:
+    """Run the suite of `args` and return its record (spec: one per drafter; does
+    not write them). `args` must have passed the parser's checks (`_check`)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from . import suites
 
-    if args.suite == "spec":
-        return suites.spec(args)
+    _defaults(args)
     if args.threads is not None and (args.backend == "torch" or args.suite == "peers"):
         _torch_threads(args.threads)
+    if args.suite == "spec":
+        recs = suites.spec(args)
+        for rec in recs:
+            rec["summary"] = summary(rec)
+        return recs
     return _record(suites, args)
 
 
@@ -169,6 +246,9 @@ def _record(suites, args: argparse.Namespace) -> dict:
         rec["results"] = suites.step_points(s, args)
     elif args.suite == "peers":
         rec["results"] = suites.peers_points(s, args, peers)
+    elif args.suite == "spec-cost":
+        rec["results"] = suites.spec_cost_points(s, args)
+        rec["released"] = suites.spec_cost_released(args)
     else:
         point = {"prefill": suites.prefill_point, "generate": suites.generate_point}
         rec["results"] = [point[args.suite](s, args, n) for n in args.context]
@@ -194,6 +274,11 @@ PROTOCOL = {
     "peers": "one-canvas generation of exactly `steps` steps per call (prefill "
     "included); per repeat, for each context in turn: ours, then each peer; a "
     "step = interval between consecutive decoder-call starts, steps 3..S-1",
+    "spec-cost": "prefill each context once; per repeat, per context, `steps` "
+    "rounds of: one target decoder pass, then one pass of each drafter's plan "
+    "(Model.decode(..., plan=)), on the same random canvas, cache and "
+    "self-conditioning logits; each pass timed to a device sync; measured ratio = "
+    "median drafter pass / median target pass; paired = per-repeat mean ratios",
 }
 
 
@@ -203,12 +288,16 @@ def _settings(args: argparse.Namespace) -> dict:
         "prefill_chunk seed threads measure weights"
     ).split()
     out = {k: getattr(args, k) for k in keys}
+    if args.suite == "spec-cost":
+        out["drafters"] = list(args.drafter)
     out["protocol"] = PROTOCOL[args.suite]
     return out
 
 
 def summary(rec: dict) -> dict:
     """The one-line digest: per context, the suite's headline number."""
+    if rec["suite"] == "spec":
+        return _spec_summary(rec)
     head = {
         "step": lambda r: r["step_ms"]["median"],
         "prefill": lambda r: r["tokens_per_s"],
@@ -216,11 +305,15 @@ def summary(rec: dict) -> dict:
         "peers": lambda r: {
             k: v["step_ours_over_peer"] for k, v in r["ratios"].items()
         },
+        "spec-cost": lambda r: {
+            k: v["measured_ratio"] for k, v in r["drafters"].items()
+        },
     }[rec["suite"]]
     unit = {
         "step": "ms_per_step",
         "prefill": "tokens_per_s",
         "generate": "tokens_per_s",
+        "spec-cost": "drafter_over_target_pass",
     }
     return {
         "suite": rec["suite"],
@@ -234,8 +327,47 @@ def summary(rec: dict) -> dict:
     }
 
 
+def _spec_summary(rec: dict) -> dict:
+    nat, spec, ratios = rec["native"], rec["speculative"], rec["ratios"]
+    return {
+        "suite": "spec",
+        "backend": rec["backend"],
+        "preset": rec["model"]["preset"],
+        "drafter": rec["drafter"]["name"],
+        "device": f"{rec['machine']['accelerator']} [{rec['device']}]",
+        "target_passes_per_canvas": {
+            "native": nat["target_passes_per_canvas"]["mean"],
+            "speculative": spec["target_passes_per_canvas"]["mean"],
+        },
+        "drafter_passes_per_canvas": spec["drafter_passes_per_canvas"]["mean"],
+        "tokens_per_s": {
+            "native": nat["tokens_per_s"],
+            "speculative": spec["tokens_per_s"],
+        },
+        "tokens_per_s_spec_over_native": ratios["tokens_per_s_spec_over_native"],
+    }
+
+
+def _spec_lines(rec: dict) -> str:
+    nat, spec, r = rec["native"], rec["speculative"], rec["ratios"]
+    tp = "target_passes_per_canvas"
+    return (
+        f"{rec['drafter']['name']}: target passes/canvas {nat[tp]['mean']:.2f} native"
+        f" -> {spec[tp]['mean']:.2f} speculative (+ "
+        f"{spec['drafter_passes_per_canvas']['mean']:.2f} drafter, "
+        f"{spec['verify_rounds_per_canvas']['mean']:.2f} verifies, "
+        f"{100 * spec['draft_kept_share']:.0f}% of the draft kept); tok/s "
+        f"{nat['tokens_per_s']:.1f} -> {spec['tokens_per_s']:.1f} "
+        f"(x{r['tokens_per_s_spec_over_native']:.3f}); parse rate "
+        f"{nat['parse_rate']:.0%} -> {spec['parse_rate']:.0%}; committed entropy "
+        f"{nat['committed_entropy']:.3f} -> {spec['committed_entropy']:.3f} nats"
+    )
+
+
 def _table(rec: dict) -> str:
     """A few human-readable lines per context."""
+    if rec["suite"] == "spec":
+        return _spec_lines(rec)
     lines = []
     for r in rec["results"]:
         if rec["suite"] == "peers":
@@ -245,6 +377,12 @@ def _table(rec: dict) -> str:
             parts += [
                 f"ours/{k} {v['step_ours_over_peer']:.3f}"
                 for k, v in r["ratios"].items()
+            ]
+        elif rec["suite"] == "spec-cost":
+            parts = [f"target {r['target_ms']['median']:.3f} ms"] + [
+                f"{k} {v['drafter_ms']['median']:.3f} ms = x{v['measured_ratio']:.3f} "
+                f"(predicted FLOPs x{v['predicted_flops_ratio']:.3f})"
+                for k, v in r["drafters"].items()
             ]
         elif rec["suite"] == "step":
             s = r["step_ms"]
@@ -270,12 +408,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NotImplementedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from . import record
-
-    path = record.write(rec, args.out)
+    if isinstance(rec, list):  # spec: one record per drafter
+        done = []
+        for one in rec:
+            path = write(one, args.out)
+            print(_table(one))
+            done.append(one["summary"] | {"record": str(path)})
+        print(json.dumps({"suite": args.suite, "records": done}))
+        return 0
+    path = write(rec, args.out)
     print(_table(rec))
     print(json.dumps(rec["summary"] | {"record": str(path)}))
     return 0
+
+
+def write(rec: dict, out: str) -> Path:
+    """bench.record.write; spec records get the drafter in their file name (several
+    records of one run share the time stamp)."""
+    from . import record
+
+    path = record.write(rec, out)
+    if rec["suite"] != "spec":
+        return path
+    slug = record.device_slug(rec["drafter"]["name"].replace("=", "-"))
+    named = path.with_name(f"{path.stem}-{slug}.json")
+    path.replace(named)
+    return named
 
 
 if __name__ == "__main__":

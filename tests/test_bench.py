@@ -8,7 +8,6 @@ import pytest
 from conftest import HAS_MLX, HAS_TORCH, HAS_TRANSFORMERS
 
 from bench import checkpoints, report, run
-from mlx_diffgem import cli
 from mlx_diffgem.core.config import ModelConfig
 from mlx_diffgem.core.tiny import random_weights, tiny_config_dict
 
@@ -83,15 +82,6 @@ def test_peers_interleaves_ours_and_transformers(tmp_path):
         / point["impls"]["transformers"]["step_ms"]["median"],
         rel=1e-3,
     )
-
-
-def test_spec_suite_is_a_clear_placeholder(tmp_path, capsys):
-    with pytest.raises(NotImplementedError, match="speculative decoding not impl"):
-        run.run(run._parser().parse_args(["spec"]))
-    assert run.main(["spec", "--out", str(tmp_path)]) == 2
-    assert "speculative decoding not implemented yet" in capsys.readouterr().err
-    assert cli.main(["bench", "run", "spec", "--out", str(tmp_path)]) == 2
-    assert not list(tmp_path.iterdir())  # no record is faked
 
 
 def _synthetic(accel: str, device: str, backend: str, suite: str, results: list):

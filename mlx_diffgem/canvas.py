@@ -17,7 +17,13 @@ from collections.abc import Callable, Generator
 import numpy as np
 
 from mlx_diffgem._blas import import_mlx
-from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy, StepView
+from mlx_diffgem.core.backend import (
+    CanvasResult,
+    CanvasState,
+    DenoisePolicy,
+    StepView,
+    drain,
+)
 from mlx_diffgem.core.noise import NoiseSource
 
 from .sampling import (
@@ -79,12 +85,7 @@ def denoise(
 ) -> CanvasResult:
     """Run denoising steps until every row is stable and confident, or N steps."""
     steps = denoise_steps(model, state, cache, policy, noise, views=on_step is not None)
-    while True:
-        try:
-            view = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        on_step(view)
+    return drain(steps, on_step)
 
 
 def denoise_steps(

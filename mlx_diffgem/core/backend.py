@@ -167,6 +167,16 @@ class Target(Protocol):
     def peak_memory(self) -> int: ...
 
 
+def drain(steps: Generator[StepView, None, CanvasResult], on_step: Any) -> CanvasResult:
+    """Run a `denoise_steps` generator to its result, handing each view to on_step."""
+    while True:
+        try:
+            view = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        on_step(view)
+
+
 def get_backend(name: str) -> Any:
     """Import a backend module by name ('mlx' or 'torch')."""
     if name not in BACKENDS:

@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from .backend import CanvasResult, CanvasState, DenoisePolicy, StepView, Target
+from .backend import (
+    CanvasResult,
+    CanvasState,
+    DenoisePolicy,
+    StepView,
+    Target,
+    drain,
+)
 from .noise import NoiseSource
 
 
@@ -175,12 +182,7 @@ class SpeculativeModel:
 
     def denoise(self, state, cache, policy, noise, on_step=None) -> CanvasResult:
         steps = self.denoise_steps(state, cache, policy, noise, views=on_step)
-        while True:
-            try:
-                view = next(steps)
-            except StopIteration as stop:
-                return stop.value
-            on_step(view)
+        return drain(steps, on_step)
 
     def denoise_steps(self, state, cache, policy, noise, views: Any = True):
         return denoise_speculative(

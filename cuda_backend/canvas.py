@@ -22,6 +22,7 @@ from mlx_diffgem.core.backend import (
     DenoisePolicy,
     StepView,
     drain,
+    role_of,
 )
 from mlx_diffgem.core.noise import NoiseSource
 
@@ -128,7 +129,7 @@ def _denoise_steps(model, state, cache, policy, noise, views):
     countdown = [] if done_host.all() else policy.countdown(state.step)
     # Every temperature in one upload; step n divides by a device scalar, as the
     # reference does (a host float would become a reciprocal multiply on CUDA).
-    temps = torch.tensor([policy.temperature(max(n, 1)) for n in countdown], device=dev)
+    temps = torch.tensor([policy.temperature(n) for n in countdown], device=dev)
     accepted, entropies, steps = [], [], 0
     for j in range(len(countdown)):
         passes += (~(done | finished)).int()
@@ -161,7 +162,7 @@ def _denoise_steps(model, state, cache, policy, noise, views):
         steps += 1
         if views:
             argmax_host = argmax.cpu().numpy().astype(np.int32)
-            yield StepView(steps, argmax_host, done_host, model_role(model))
+            yield StepView(steps, argmax_host, done_host, role_of(model))
         any_done = bool(done_host.any())
         if done_host.all():
             break
@@ -196,8 +197,3 @@ def _stack(tensors: list, B: int) -> np.ndarray:
     if not tensors:
         return np.zeros((0, B))
     return torch.stack(tensors).cpu().numpy()
-
-
-def model_role(model) -> str:
-    """ "drafter" for a drafter's model view, else "target" (labels live drafts)."""
-    return getattr(model, "role", "target")

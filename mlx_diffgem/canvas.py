@@ -23,6 +23,7 @@ from mlx_diffgem.core.backend import (
     DenoisePolicy,
     StepView,
     drain,
+    role_of,
 )
 from mlx_diffgem.core.noise import NoiseSource
 
@@ -114,7 +115,7 @@ def denoise_steps(
     accepted, entropies, steps = [], [], 0
     for n in [] if all_done else policy.countdown(state.step):
         passes = passes + (~(done | finished)).astype(mx.int32)
-        T = mx.array(policy.temperature(max(n, 1)), mx.float32)
+        T = mx.array(policy.temperature(n), mx.float32)
         z = model.decode(canvas, cache, sc) / T  # 1-2
         parts = softmax_tail(z)  # one exp pass for the draw and the entropies
         draft = draw_sample(noise, z, parts)
@@ -150,7 +151,7 @@ def denoise_steps(
         mx.eval(done, canvas, sc, argmax, history, passes, accepted[-1], h_mean, status)
         steps += 1
         if views:
-            yield StepView(steps, np.array(argmax), np.array(done), model_role(model))
+            yield StepView(steps, np.array(argmax), np.array(done), role_of(model))
         any_done, all_done = status.tolist()  # 5: already evaluated, no extra sync
         if all_done:
             break
@@ -183,8 +184,3 @@ def _flags(done: mx.array) -> tuple[bool, bool]:
 
 def _stack(arrays: list, B: int) -> np.ndarray:
     return np.stack([np.array(a) for a in arrays]) if arrays else np.zeros((0, B))
-
-
-def model_role(model) -> str:
-    """ "drafter" for a drafter's model view, else "target" (labels live drafts)."""
-    return getattr(model, "role", "target")

@@ -54,12 +54,12 @@ class DenoisePolicy:
         frac = f(f(n) / f(self.max_steps))
         return float(f(f(self.t_min) + f(f(self.t_max - self.t_min) * frac)))
 
-    def countdown(self, start: int) -> range:
+    def countdown(self, start: int) -> list[int]:
         """The countdown values n of the passes of one call that starts after `start`
         passes of this canvas; past max_steps it stays at n = 1 (T just above t_min)."""
         budget = self.max_steps - start if self.budget is None else self.budget
         first = self.max_steps - start
-        return range(first, first - max(0, budget), -1)
+        return [max(n, 1) for n in range(first, first - max(0, budget), -1)]
 
 
 @dataclass
@@ -114,6 +114,11 @@ class StepView:
     argmax: np.ndarray  # [B, C]
     done: np.ndarray  # [B]
     source: str = "target"  # or "drafter" (speculative decoding)
+
+
+def role_of(model: Any) -> str:
+    """ "drafter" for a drafter's model view, else "target" (labels StepViews)."""
+    return getattr(model, "role", "target")
 
 
 @runtime_checkable

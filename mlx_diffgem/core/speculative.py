@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class SpecPolicy:
         )
 
 
-class Drafter:
+class Drafter(Protocol):
     """What the loop needs of a drafter: a `denoise` like a Target's."""
 
     def denoise(self, state, cache, policy, noise, on_step=None) -> CanvasResult: ...

@@ -11,7 +11,16 @@ Left out: site-packages (not the stdlib), test folders (test/, tests/, idle_test
 codec tables), pydoc_data/ (one huge docs string), config-*/ and the machine-specific
 `_sysconfigdata*` files, and any file that is not UTF-8.
 
+More training data (`--extra numpy jinja2 ...`): the `.py` sources and shipped `.pyi`
+stubs of installed packages among the project's declared dependencies, with the same
+exclusions, go into the train split only; a file whose text equals a held-out stdlib
+file's (a vendored copy) is dropped. `--stdlib-weight 2` packs the stdlib train split
+twice, so the evaluation domain keeps its share next to the extra sources. The
+held-out split stays the stdlib's alone.
+
     python -m cuda_backend.corpus --out runs/corpus
+    python -m cuda_backend.corpus --out runs/corpus2 --tokenizer runs/corpus/tokenizer.json \
+        --extra numpy jinja2 --stdlib-weight 2
 """
 
 from __future__ import annotations
@@ -54,11 +63,37 @@ def _excluded(rel: Path) -> bool:
     return rel.name.startswith("_sysconfigdata")
 
 
-def source_files(root: Path | None = None) -> list[Path]:
+def source_files(root: Path | None = None, suffixes=(".py",)) -> list[Path]:
     """Relative paths of the corpus files under `root` (default: the stdlib), sorted."""
     root = stdlib_root() if root is None else Path(root)
-    rels = (p.relative_to(root) for p in root.rglob("*.py") if p.is_file())
+    rels = (
+        p.relative_to(root)
+        for p in root.rglob("*")
+        if p.suffix in suffixes and p.is_file()
+    )
     return sorted(r for r in rels if not _excluded(r))
+
+
+def package_root(name: str) -> Path:
+    """The folder of an installed (regular) package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"--extra {name}: not an installed package")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def extra_texts(names: Iterable[str], held_texts: list[str]) -> dict[str, list[str]]:
+    """{package: texts} of the `.py`/`.pyi` files of each package (test folders and
+    copies of held-out stdlib files left out)."""
+    held = {hashlib.sha256(t.encode()).digest() for t in held_texts}
+    out = {}
+    for name in names:
+        root = package_root(name)
+        texts = read_texts(root, source_files(root, (".py", ".pyi")))
+        out[name] = [t for t in texts if hashlib.sha256(t.encode()).digest() not in held]
+    return out
 
 
 def is_held_out(rel: Path | str, percent: int = HELD_OUT_PERCENT) -> bool:
@@ -145,6 +180,8 @@ def build(
     vocab_size: int = 4096,
     percent: int = HELD_OUT_PERCENT,
     tokenizer: str | Path | None = None,
+    extra: Iterable[str] = (),
+    stdlib_weight: int = 1,
 ) -> dict:
     """Write tokenizer files, train.npy, heldout.npy and meta.json to `out`.
 
@@ -162,7 +199,12 @@ def build(
 
         tok = Tokenizer.from_file(str(tokenizer))
     save_tokenizer(tok, out)
-    streams = {"train": pack(tok, train_texts), "heldout": pack(tok, held_texts)}
+    extras = extra_texts(extra, held_texts)
+    more = [t for texts in extras.values() for t in texts]
+    streams = {
+        "train": pack(tok, train_texts * stdlib_weight + more),
+        "heldout": pack(tok, held_texts),
+    }
     for name, ids in streams.items():
         np.save(out / f"{name}.npy", ids)
     meta = {
@@ -173,9 +215,27 @@ def build(
         "train_tokens": int(streams["train"].size),
         "heldout_tokens": int(streams["heldout"].size),
         "train_bytes": sum(len(t.encode()) for t in train_texts),
+        "stdlib_weight": stdlib_weight,
+        "extra": {
+            name: {
+                "version": _version(name),
+                "files": len(texts),
+                "bytes": sum(len(t.encode()) for t in texts),
+            }
+            for name, texts in extras.items()
+        },
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name.lstrip("_").replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,12 +244,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--held-out-percent", type=int, default=HELD_OUT_PERCENT)
     ap.add_argument("--tokenizer", help="a tokenizer.json to use instead of training")
+    ap.add_argument(
+        "--extra", nargs="*", default=[], help="installed packages to add (train only)"
+    )
+    ap.add_argument("--stdlib-weight", type=int, default=1, help="stdlib train copies")
     args = ap.parse_args(argv)
+    if args.stdlib_weight < 1:
+        ap.error(f"--stdlib-weight: expected an integer >= 1, got {args.stdlib_weight}")
     meta = build(
         args.out,
         vocab_size=args.vocab_size,
         percent=args.held_out_percent,
         tokenizer=args.tokenizer,
+        extra=args.extra,
+        stdlib_weight=args.stdlib_weight,
     )
     print(
         f"{len(meta['train_files'])} train files ({meta['train_tokens']:,} tokens, "

@@ -4,12 +4,20 @@
    decoder pass without self-conditioning, and the two-pass self-conditioned variant),
    next to the unigram entropy of the held-out tokens (what a model that ignores its
    input can reach).
-2. Native decoding of held-out function headers: steps per canvas, tokens per forward,
-   and the fraction of completions that parse with `ast` once cut at the function's end.
-3. Five completions, verbatim.
+2. The model's mean entropy on clean held-out canvases (logits / 0.7): how sure it is
+   where it is right, the quantity the sampler's stop rule reads.
+3. Native decoding of held-out function headers with the model's own shipped sampler
+   settings: target passes per canvas (mean, p10/p50/p90, share of canvases stopped
+   before the cap), tokens per forward, and the fraction of completions that parse with
+   `ast` once cut at the function's end (a completion that does not reach the end of
+   its function within the token budget is judged up to its last complete line).
+4. Five completions, verbatim.
+
+`--baseline DIR` evaluates a second model (e.g. the previously shipped one) on the same
+prompts, seeds and windows, side by side in the record and the card.
 
     python -m bench.quality --model mlx_diffgem/assets/default --json-out q.json \
-        --card mlx_diffgem/assets/default/README.md
+        --card mlx_diffgem/assets/default/README.md --baseline old/default
 
 `--card` rewrites the model card's figures between its `<!-- quality:start -->` and
 `<!-- quality:end -->` markers from the record, so the card never drifts from it.
@@ -29,6 +37,7 @@ import numpy as np
 
 HEADER = re.compile(r"^(\s*)def \w+\(.*\)(\s*->\s*[^:]+)?:\s*$")
 SCHEMA = "mlx-diffgem-quality/1"
+LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 CARD_START, CARD_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
@@ -69,6 +78,29 @@ def denoising_ce(model, stream: np.ndarray, levels, batches: int = 4, batch: int
     return out
 
 
+def clean_entropy(model, stream: np.ndarray, batches: int = 4, batch: int = 8) -> dict:
+    """Mean entropy (nats, logits / 0.7) of one decoder pass on clean held-out canvases,
+    and the share of positions below 0.01 nats."""
+    import torch
+
+    from cuda_backend import train
+
+    C = model.config.canvas_length
+    windows = train.Windows(stream, 4 * C + C // 2)
+    rng, hs = np.random.default_rng(1), []
+    for _ in range(batches):
+        ids, P = train.draw_batch(windows, rng, batch, C)
+        with torch.no_grad():
+            _, prefixes = train.encoder_pass(model, ids)
+            z = train.decoder_pass(model, ids[:, P:], prefixes, P) / 0.7
+        hs.append(-(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1).flatten())
+    h = torch.cat(hs)
+    return {
+        "mean": float(h.mean()),
+        "share_below_0.01": float((h < 0.01).float().mean()),
+    }
+
+
 def function_prompts(texts: list[str], n: int, seed: int = 0) -> list[tuple[str, str]]:
     """(context ending in a one-line `def ...:` header, header indent) pairs."""
     found = []
@@ -85,13 +117,20 @@ def function_prompts(texts: list[str], n: int, seed: int = 0) -> list[tuple[str,
 
 
 def function_source(header: str, completion: str, indent: str) -> str:
-    """The header plus the completion, cut where the function ends, dedented."""
-    body = []
+    """The header plus the completion, cut where the function ends, dedented.
+
+    A completion that never leaves the function was cut by the token budget, not by
+    the model: its last, unfinished line is dropped.
+    """
+    body, ended = [], False
     for line in completion.split("\n"):
         ind = len(line) - len(line.lstrip())
         if body and line.strip() and ind <= len(indent):
+            ended = True
             break
         body.append(line)
+    if not ended and len(body) > 1:
+        body[-1] = ""
     return textwrap.dedent(header + "\n".join(body))
 
 
@@ -104,9 +143,10 @@ def parses(source: str) -> bool:
 
 
 def completions(model, tokenizer, prompts, max_tokens: int, seed: int) -> dict:
-    """Generate for each prompt; parse rate, steps per canvas, tokens per forward."""
+    """Generate for each prompt; parse rate, passes per canvas, tokens per forward."""
     import mlx_diffgem as dg
 
+    cap = model.generation_config.max_denoising_steps
     ok, steps, generated, passes, samples = 0, [], 0, 0, []
     t0 = time.perf_counter()
     for i, (context, indent) in enumerate(prompts):
@@ -118,7 +158,7 @@ def completions(model, tokenizer, prompts, max_tokens: int, seed: int) -> dict:
         header = context.split("\n")[-2] + "\n"
         source = function_source(header, text, indent)
         ok += parses(source)
-        steps += stats.steps_per_canvas
+        steps += list(stats.steps_per_canvas)
         generated += stats.generated_tokens
         passes += stats.row_passes
         samples.append(
@@ -128,6 +168,13 @@ def completions(model, tokenizer, prompts, max_tokens: int, seed: int) -> dict:
         "prompts": len(prompts),
         "parse_rate": ok / len(prompts),
         "steps_per_canvas": float(np.mean(steps)),
+        "passes_per_canvas": {
+            "mean": float(np.mean(steps)),
+            **{f"p{q}": float(np.percentile(steps, q)) for q in (10, 50, 90)},
+            "stopped_before_cap": float(np.mean(np.asarray(steps) < cap)),
+            "canvases": len(steps),
+            "cap": cap,
+        },
         "tokens_per_forward": generated / passes,
         "seconds": time.perf_counter() - t0,
         "samples": samples[:5],
@@ -144,6 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
     p.add_argument("--card", default=None, help="model card to update (markers)")
+    p.add_argument(
+        "--baseline", default=None, help="a second model folder, side by side"
+    )
     a = p.parse_args(argv)
     record = run(a)
     if a.card:
@@ -157,16 +207,34 @@ def run(a: argparse.Namespace) -> dict:
     from cuda_backend.backend import load as torch_load
 
     path = Path(a.model) if a.model else dg.default_model_path()
-    model, tokenizer = dg.load(path, backend=a.backend)
     stream = np.load(Path(a.data) / "heldout.npy").astype(np.int64)
-    levels = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-    ce = denoising_ce(
-        torch_load(path, device="cpu", dtype="float32").model, stream, levels
-    )
     root = corpus.stdlib_root()
     _, held = corpus.split_files(corpus.source_files(root))
     prompts = function_prompts(corpus.read_texts(root, held), a.prompts, a.seed)
     from . import record as rec
+
+    def evaluate(folder: Path) -> dict:
+        model, tokenizer = dg.load(folder, backend=a.backend)
+        reference = torch_load(folder, device="cpu", dtype="float32").model
+        gen = model.generation_config
+        return {
+            "model": str(folder),
+            "sampler": {
+                k: getattr(gen, k)
+                for k in (
+                    "t_min",
+                    "t_max",
+                    "entropy_bound",
+                    "max_denoising_steps",
+                    "stability_threshold",
+                    "confidence_threshold",
+                )
+            },
+            "unigram_entropy": unigram_entropy(stream, model.config.vocab_size),
+            "denoising_ce": denoising_ce(reference, stream, LEVELS),
+            "clean_entropy": clean_entropy(reference, stream),
+            "native": completions(model, tokenizer, prompts, a.max_tokens, a.seed),
+        }
 
     record = {
         "schema": SCHEMA,
@@ -178,15 +246,14 @@ def run(a: argparse.Namespace) -> dict:
             "prompts": a.prompts,
             "max_tokens": a.max_tokens,
             "seed": a.seed,
-            "levels": list(levels),
+            "levels": list(LEVELS),
         },
-        "model": str(path),
         "backend": a.backend,
         "heldout_tokens": int(len(stream)),
-        "unigram_entropy": unigram_entropy(stream, model.config.vocab_size),
-        "denoising_ce": ce,
-        "native": completions(model, tokenizer, prompts, a.max_tokens, a.seed),
+        **evaluate(path),
     }
+    if a.baseline:
+        record["baseline"] = evaluate(Path(a.baseline))
     text = json.dumps(record, indent=1)
     if a.json_out:
         Path(a.json_out).write_text(text + "\n")
@@ -194,32 +261,64 @@ def run(a: argparse.Namespace) -> dict:
     return record
 
 
+def _figures(model: dict) -> dict[str, str]:
+    """The card's per-model figures, formatted."""
+    nat, ce = model["native"], model["denoising_ce"]
+    dist = nat.get("passes_per_canvas")
+    rows = {
+        f"CE at noise {t}, no SC / with SC": f"{v['no_sc']:.3f} / {v['sc']:.3f}"
+        for t, v in ce.items()
+    }
+    if "clean_entropy" in model:
+        h = model["clean_entropy"]
+        rows["mean entropy on clean canvases (nats, logits / 0.7)"] = (
+            f"{h['mean']:.3f} ({h['share_below_0.01']:.0%} of positions < 0.01)"
+        )
+    rows["target passes per canvas, mean"] = f"{nat['steps_per_canvas']:.1f}"
+    if dist:
+        rows["passes per canvas, p10 / p50 / p90"] = (
+            f"{dist['p10']:.0f} / {dist['p50']:.0f} / {dist['p90']:.0f}"
+        )
+        rows[f"canvases stopped before the {dist['cap']}-pass cap"] = (
+            f"{dist['stopped_before_cap']:.0%} of {dist['canvases']}"
+        )
+    rows["tokens per forward"] = f"{nat['tokens_per_forward']:.2f}"
+    rows["completions that parse with `ast`"] = (
+        f"{nat['parse_rate']:.0%} ({round(nat['parse_rate'] * nat['prompts'])} "
+        f"of {nat['prompts']})"
+    )
+    if "sampler" in model:
+        rows["sampler settings (generation_config.json)"] = ", ".join(
+            f"{k} {v}" for k, v in model["sampler"].items()
+        )
+    return rows
+
+
 def card_section(record: dict) -> str:
     """The model card's figures (markdown) from a quality record."""
-    ce, nat = record["denoising_ce"], record["native"]
+    nat = record["native"]
+    ours = _figures(record)
+    base = _figures(record["baseline"]) if record.get("baseline") else None
+    head = ["| | this model |", "| --- | --- |"]
+    if base:
+        head = ["| | this model | previous model |", "| --- | --- | --- |"]
+    table = [
+        f"| {k} | {v} |" + (f" {base.get(k, '')} |" if base else "")
+        for k, v in ours.items()
+    ]
     lines = [
-        "Held-out denoising cross-entropy (nats/token) by noise level, one decoder "
-        "pass without",
-        "self-conditioning and the two-pass self-conditioned one; the unigram entropy "
-        "of the",
-        f"held-out tokens is **{record['unigram_entropy']:.3f}** nats:",
+        f"Held-out figures (`{record['backend']}` backend, {nat['prompts']} held-out "
+        "function headers with up to 30 lines of context, "
+        f"{record.get('settings', {}).get('max_tokens', 128)} new tokens each, "
+        "each model with its own shipped sampler settings). Denoising cross-entropy "
+        "in nats/token by noise level, one decoder pass without self-conditioning and "
+        "the two-pass self-conditioned one; the unigram entropy of the held-out tokens "
+        f"is **{record['unigram_entropy']:.3f}** nats. A completion is cut where its "
+        "function ends (or at its last complete line when the token budget ends "
+        "first) before `ast.parse`.",
         "",
-        "| noise level | CE, no SC | CE, with SC |",
-        "| --- | --- | --- |",
-        *(f"| {t} | {v['no_sc']:.3f} | {v['sc']:.3f} |" for t, v in ce.items()),
-        "",
-        f"Native decoding ({record['backend']} backend, release sampler settings, "
-        f"{nat['prompts']} held-out function",
-        "headers with up to 30 lines of context, "
-        f"{record.get('settings', {}).get('max_tokens', 128)} new tokens each):",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| steps per canvas | {nat['steps_per_canvas']:.1f} |",
-        f"| tokens per forward | {nat['tokens_per_forward']:.2f} |",
-        "| completions that parse with `ast` once cut at the function's end | "
-        f"{nat['parse_rate']:.0%} ({round(nat['parse_rate'] * nat['prompts'])} "
-        f"of {nat['prompts']}) |",
+        *head,
+        *table,
         "",
         "### Five completions, verbatim",
     ]

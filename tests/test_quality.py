@@ -19,9 +19,40 @@ def test_function_source_cuts_at_the_end_of_the_function():
     assert not quality.parses(quality.function_source(header, "  return (\n", "    "))
 
 
+def test_function_source_drops_the_line_the_token_budget_cut():
+    header = "    def f(self, x):\n"
+    # Never leaves the function: the last line is unfinished because tokens ran out.
+    source = quality.function_source(header, "        y = x\n        return (y", "    ")
+    assert source == "def f(self, x):\n    y = x\n"
+    assert quality.parses(source)
+    # A function that ends keeps every line of its body, broken or not.
+    ended = "        return (y\n    def g(self):\n"
+    assert not quality.parses(quality.function_source(header, ended, "    "))
+
+
 def test_unigram_entropy():
     assert quality.unigram_entropy(np.arange(8), 8) == pytest.approx(math.log(8))
     assert quality.unigram_entropy(np.zeros(5, np.int64), 8) == 0.0
+
+
+def _native(mean: float, parse: float) -> dict:
+    flat = mean == 48.0
+    return {
+        "prompts": 4,
+        "parse_rate": parse,
+        "steps_per_canvas": mean,
+        "passes_per_canvas": {
+            "mean": mean,
+            "p10": 48.0 if flat else 4.0,
+            "p50": 48.0 if flat else 12.0,
+            "p90": 48.0 if flat else 20.0,
+            "stopped_before_cap": 0.0 if flat else 0.75,
+            "canvases": 8,
+            "cap": 48,
+        },
+        "tokens_per_forward": 1.3,
+        "samples": [],
+    }
 
 
 def _record():
@@ -56,9 +87,18 @@ def test_card_section_and_update(tmp_path):
     text = card.read_text()
     assert text.startswith("# card\n") and text.endswith(f"{quality.CARD_END}\nend\n")
     assert "old" not in text and "**6.250**" in text
-    assert "| 0.10 | 0.500 | 0.400 |" in text and "| 1.00 | 6.000 | 5.000 |" in text
-    assert "| steps per canvas | 12.5 |" in text and "25% (1 of 4)" in text
+    assert "| CE at noise 0.10, no SC / with SC | 0.500 / 0.400 |" in text
+    assert "| CE at noise 1.00, no SC / with SC | 6.000 / 5.000 |" in text
+    assert "| target passes per canvas, mean | 12.5 |" in text
+    assert "| completions that parse with `ast` | 25% (1 of 4) |" in text
     assert "\n````\nx = ```\n\n````" in text  # the fence outgrows the sample's
+    ours = {**_record(), "native": {**_record()["native"], **_native(12.5, 0.25)}}
+    with_base = {**ours, "baseline": {**_record(), "native": _native(48.0, 0.0)}}
+    quality.update_card(card, with_base)
+    text = card.read_text()
+    assert "| | this model | previous model |" in text
+    assert "| target passes per canvas, mean | 12.5 | 48.0 |" in text
+    assert "| passes per canvas, p10 / p50 / p90 | 4 / 12 / 20 | 48 / 48 / 48 |" in text
     card.write_text("# no markers\n")
     with pytest.raises(ValueError, match="expected one"):
         quality.update_card(card, _record())

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .core.auto import resolve_backend
 from .core.backend import StepView, Target, check_ids, get_backend
 from .core.generate import CanvasEvent, generate_canvases, generation_config
 from .core.noise import NoiseSource, make_noise
@@ -39,7 +40,7 @@ def default_model_path() -> Path:
 def load(
     path: str | Path | None = None,
     *,
-    backend: str = "mlx",
+    backend: str = "auto",
     drafter: str | None = None,
     speculative: SpecPolicy | dict | None = None,
     dtype: str | None = None,
@@ -50,7 +51,8 @@ def load(
 
     Args:
         path: a local folder or a Hugging Face repo id; None loads the default model.
-        backend: "mlx" or "torch".
+        backend: "mlx", "torch" or "auto": MLX on Apple silicon, else torch when
+            installed (CUDA, or CPU, where it is the faster one), else MLX.
         drafter: decode speculatively with a drafter: "self" (the target's own
             weights, cut: fewer layers and experts, cheaper vocabulary-wide parts),
             "self:layers=0,5 top_k=1 sc_top_k=32 head_vocab=1024" (explicit cuts),
@@ -64,7 +66,7 @@ def load(
     """
     spec = _spec_policy(drafter, speculative)
     path = default_model_path() if path is None else path
-    module = get_backend(backend)
+    module = get_backend(resolve_backend(backend, backend_options))
     model = module.load(path, dtype=dtype, quantization=quantization, **backend_options)
     if drafter is not None:
         from drafter import load_drafter

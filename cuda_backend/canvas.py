@@ -110,7 +110,8 @@ def denoise_steps(
 def _denoise_steps(model, state, cache, policy, noise, views):
     score = getattr(model, "score", sampling.score)  # compiled by compile_model
     B, C, dev = cache.batch_size, model.config.canvas_length, cache.device
-    canvas = _start(model, state, noise, (B, C), dev)
+    pins = _pins(state.fixed, dev)
+    canvas = _pin(pins, _start(model, state, noise, (B, C), dev))
     sc, history = state.self_conditioning, state.history
     argmax = canvas if state.argmax is None else _on(state.argmax, dev)
     finished = torch.as_tensor(
@@ -136,11 +137,14 @@ def _denoise_steps(model, state, cache, policy, noise, views):
         z = model.decode(canvas, cache, sc)  # 1
         new_arg, h = score(z, temps[j])  # 2: z is now z / T(n)
         draft = draw_sample(noise, z)
+        if pins is not None:  # pinned positions: kept, with no entropy to count
+            h = h.masked_fill(pins[0], 0.0)
         keep = accept_mask(h, policy.entropy_bound)  # 3
         new_canvas = renoise(
             keep, draft, draw_uniform(noise, "renoise", (B, C), z.shape[-1], dev)
         )
-        new_h_mean = h.mean(dim=-1)
+        new_h_mean = _mean_entropy(h, pins)
+        new_arg, new_canvas = _pin(pins, new_arg), _pin(pins, new_canvas)
         if any_done:  # 4: rows that stopped keep their previous state
             new_arg = torch.where(done[:, None], argmax, new_arg)
             new_canvas = torch.where(done[:, None], canvas, new_canvas)
@@ -180,6 +184,7 @@ def _denoise_steps(model, state, cache, policy, noise, views):
             argmax=argmax,
             done=done,
             mean_entropy=h_mean,
+            fixed=state.fixed,
         ),
         step_stats={
             "accepted": _stack(accepted, B),
@@ -187,6 +192,26 @@ def _denoise_steps(model, state, cache, policy, noise, views):
         },
         done=done_host,
     )
+
+
+def _pins(fixed, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """(pinned mask, ids, holes per row) of an infill canvas (CanvasState.fixed)."""
+    if fixed is None:
+        return None
+    ids = torch.as_tensor(np.asarray(fixed), device=device).long()
+    mask = ids >= 0
+    holes = (~mask).sum(dim=-1).clamp(min=1).float()
+    return mask, ids, holes
+
+
+def _pin(pins, x: torch.Tensor) -> torch.Tensor:
+    """`x` [B, C] with the pinned positions set to their given ids."""
+    return x if pins is None else torch.where(pins[0], pins[1], x)
+
+
+def _mean_entropy(h: torch.Tensor, pins) -> torch.Tensor:
+    # Over the holes only: pinned positions would dilute the stop rule's mean.
+    return h.mean(dim=-1) if pins is None else h.sum(dim=-1) / pins[2]
 
 
 def _on(x, device: torch.device) -> torch.Tensor:

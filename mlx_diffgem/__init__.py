@@ -25,6 +25,13 @@ _API = {
     "Response": "mlx_diffgem.core.stats",
     "Stats": "mlx_diffgem.core.stats",
     "SpecPolicy": "mlx_diffgem.core.speculative",
+    "infill": "mlx_diffgem.core.infill",
+    "edit": "mlx_diffgem.core.infill",
+    "fill": "mlx_diffgem.core.infill",
+    "hole": "mlx_diffgem.core.infill",
+    "HOLE": "mlx_diffgem.core.infill",
+    "Hole": "mlx_diffgem.core.infill",
+    "FillResult": "mlx_diffgem.core.infill",
 }
 
 __all__ = sorted(_API)

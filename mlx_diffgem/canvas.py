@@ -100,7 +100,8 @@ def denoise_steps(
     """`denoise` as a generator: yields the live argmax canvas after each step when
     `views` (one extra host copy per step) and returns the CanvasResult."""
     B, C = cache.batch_size, model.config.canvas_length
-    canvas = _start(model, state, noise, (B, C))
+    pins = _pins(state.fixed)
+    canvas = _pin(pins, _start(model, state, noise, (B, C)))
     sc, history = state.self_conditioning, state.history
     argmax = canvas if state.argmax is None else mx.array(state.argmax)
     finished = mx.array(np.zeros(B, bool) if state.finished is None else state.finished)
@@ -121,11 +122,14 @@ def denoise_steps(
         draft = draw_sample(noise, z, parts)
         new_arg = mx.argmax(z, axis=-1).astype(mx.int32)
         h = entropy(z, parts)
+        if pins is not None:  # pinned positions: kept, with no entropy to count
+            h = mx.where(pins[0], 0.0, h)
         keep = accept_mask(h, policy.entropy_bound)  # 3
         new_canvas = renoise(
             keep, draft, draw_uniform(noise, "renoise", (B, C), z.shape[-1])
         )
-        new_h_mean = mx.mean(h, axis=-1)
+        new_h_mean = _mean_entropy(h, pins)
+        new_arg, new_canvas = _pin(pins, new_arg), _pin(pins, new_canvas)
         if any_done:  # 4: rows that stopped keep their previous state
             new_arg = mx.where(done[:, None], argmax, new_arg)
             new_canvas = mx.where(done[:, None], canvas, new_canvas)
@@ -169,6 +173,7 @@ def denoise_steps(
             argmax=argmax,
             done=done,
             mean_entropy=h_mean,
+            fixed=state.fixed,
         ),
         step_stats={
             "accepted": _stack(accepted, B),  # evaluated
@@ -184,3 +189,23 @@ def _flags(done: mx.array) -> tuple[bool, bool]:
 
 def _stack(arrays: list, B: int) -> np.ndarray:
     return np.stack([np.array(a) for a in arrays]) if arrays else np.zeros((0, B))
+
+
+def _pins(fixed) -> tuple[mx.array, mx.array, mx.array] | None:
+    """(pinned mask, ids, holes per row) of an infill canvas (CanvasState.fixed)."""
+    if fixed is None:
+        return None
+    ids = mx.array(fixed, dtype=mx.int32)
+    mask = ids >= 0
+    holes = mx.maximum(mx.sum(~mask, axis=-1), 1).astype(mx.float32)
+    return mask, ids, holes
+
+
+def _pin(pins, x: mx.array) -> mx.array:
+    """`x` [B, C] with the pinned positions set to their given ids."""
+    return x if pins is None else mx.where(pins[0], pins[1], x)
+
+
+def _mean_entropy(h: mx.array, pins) -> mx.array:
+    # Over the holes only: pinned positions would dilute the stop rule's mean.
+    return mx.mean(h, axis=-1) if pins is None else mx.sum(h, axis=-1) / pins[2]

@@ -78,6 +78,11 @@ class CanvasState:
     argmax, done, mean_entropy: the last pass's argmax [B, C], the rows that met the
         stop rule [B] (frozen from then on) and their mean entropies [B]; None on a
         fresh canvas.
+    fixed: infill and edit (numpy int32 [B, C]): a token id pins that position to it
+        (it is never renoised and is its own argmax), -1 marks a hole position that
+        is denoised. Pinned positions count as kept with zero entropy, so they use
+        none of the entropy bound, and the stop rule's mean entropy is taken over
+        the holes only. None: every position is denoised (native decoding).
     """
 
     canvas: Any = None
@@ -89,6 +94,7 @@ class CanvasState:
     argmax: Any = None
     done: Any = None
     mean_entropy: Any = None
+    fixed: np.ndarray | None = None
 
 
 @dataclass

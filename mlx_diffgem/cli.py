@@ -188,12 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _generate_parser(sub)
     _convert_parser(sub)
     _bench_parser(sub)
+    from . import infill_cli
+
+    infill_cli.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         commands = {
             "generate": run_generate,
             "convert": run_convert,
             "bench": run_bench,
+            "infill": infill_cli.run,
         }
         return commands[args.command](args)
     # Input errors, a missing model file or backend: one line, not a traceback.

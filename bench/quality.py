@@ -142,17 +142,22 @@ def parses(source: str) -> bool:
     return True
 
 
-def completions(model, tokenizer, prompts, max_tokens: int, seed: int) -> dict:
-    """Generate for each prompt; parse rate, passes per canvas, tokens per forward."""
+def completions(
+    model, tokenizer, prompts, max_tokens: int, seed: int, **overrides
+) -> dict:
+    """Generate for each prompt; parse rate, passes per canvas, tokens per forward.
+    `overrides`: sampler settings instead of the model's generation_config.json."""
     import mlx_diffgem as dg
 
-    cap = model.generation_config.max_denoising_steps
+    cap = overrides.get(
+        "max_denoising_steps", model.generation_config.max_denoising_steps
+    )
     ok, steps, generated, passes, samples = 0, [], 0, 0, []
     t0 = time.perf_counter()
     for i, (context, indent) in enumerate(prompts):
         ids = [tokenizer.bos_token_id, *tokenizer.encode(context)]
         seq, stats = dg.generate_ids(
-            model, [ids], seed=seed + i, max_new_tokens=max_tokens
+            model, [ids], seed=seed + i, max_new_tokens=max_tokens, **overrides
         )
         text = tokenizer.decode(seq[0, len(ids) :].tolist())
         header = context.split("\n")[-2] + "\n"

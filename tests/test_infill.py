@@ -1,0 +1,312 @@
+"""Infill and edit-in-place: pinned canvas positions (both backends), the window
+driver (core/infill.py) over a scripted target, and the embedded model's infill."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import HAS_MLX, HAS_TORCH, needs_torch
+
+import mlx_diffgem as dg
+from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy
+from mlx_diffgem.core.config import GenerationConfig, ModelConfig
+from mlx_diffgem.core.infill import Hole, fill, parse_holes
+from mlx_diffgem.core.noise import ReplayNoise
+from mlx_diffgem.core.tiny import tiny_config_dict
+
+BACKENDS = [
+    pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="no mlx")),
+    pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="no torch")),
+]
+EOS, PAD, BOS = 1, 0, 2
+
+
+def _load(path, backend):
+    opts = {"device": "cpu"} if backend == "torch" else {}
+    return dg.load(path, backend=backend, dtype="float32", **opts)
+
+
+# --------------------------------------------------------------------------------------
+# The canvas loops: pinned positions
+# --------------------------------------------------------------------------------------
+
+
+def _pinned(C: int) -> np.ndarray:
+    """Row 0 pins its even positions, row 1 its first half (-1: hole)."""
+    fixed = np.full((2, C), -1, np.int32)
+    fixed[0, ::2] = 40 + np.arange(0, C, 2)
+    fixed[1, : C // 2] = 70 + np.arange(C // 2)
+    return fixed
+
+
+def _replay(C: int, V: int, steps: int, seed: int = 0) -> ReplayNoise:
+    rng = np.random.default_rng(seed)
+    return ReplayNoise(rng.integers(0, V, (1 + 2 * steps, 2, C)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pinned_positions_never_change(tiny_path, backend):
+    model, _ = _load(tiny_path, backend)
+    C, V = model.config.canvas_length, model.config.vocab_size
+    cache = model.new_cache(2)
+    model.encode(np.array([[BOS, 9, 10], [BOS, 11, 12]], np.int32), cache)
+    fixed, views = _pinned(C), []
+    policy = DenoisePolicy(max_steps=6)
+    res = model.denoise(
+        CanvasState(fixed=fixed), cache, policy, _replay(C, V, 6), views.append
+    )
+    pin = fixed >= 0
+    assert views and all((v.argmax[pin] == fixed[pin]).all() for v in views)
+    assert (res.tokens[pin] == fixed[pin]).all()
+    assert (dg.to_numpy(res.state.canvas)[pin] == fixed[pin]).all()
+    assert res.state.fixed is fixed  # carried on, so another model continues it
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_rule_mean_entropy_counts_holes_only(tiny_path, backend):
+    model, _ = _load(tiny_path, backend)
+    C, V = model.config.canvas_length, model.config.vocab_size
+    ids = np.array([[BOS, 9, 10], [BOS, 11, 12]], np.int32)
+    fixed, draws = _pinned(C), np.random.default_rng(1).integers(0, V, (3, 2, C))
+    noise, first = ReplayNoise(draws), np.where(fixed >= 0, fixed, draws[0])
+    cache = model.new_cache(2)
+    model.encode(ids, cache)
+    policy = DenoisePolicy(max_steps=4, budget=1)
+    res = model.denoise(CanvasState(fixed=fixed), cache, policy, noise)
+    z = dg.to_numpy(model.decode(first.astype(np.int32), cache)).astype(np.float64)
+    z /= policy.temperature(4)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    h = -(np.exp(logp) * logp).sum(-1)
+    want = [h[b][fixed[b] < 0].mean() for b in range(2)]
+    np.testing.assert_allclose(res.step_stats["mean_entropy"][0], want, rtol=1e-4)
+    # pinned positions are kept and use none of the entropy bound
+    assert (res.step_stats["accepted"][0] > (fixed >= 0).sum(-1)).all()
+
+
+@needs_torch
+@pytest.mark.skipif(not HAS_MLX, reason="no mlx")
+def test_pinned_canvas_same_tokens_on_both_backends(tiny_path):
+    out = []
+    for backend in ("mlx", "torch"):
+        model, _ = _load(tiny_path, backend)
+        C, V = model.config.canvas_length, model.config.vocab_size
+        cache = model.new_cache(2)
+        model.encode(np.array([[BOS, 9, 10], [BOS, 11, 12]], np.int32), cache)
+        policy = DenoisePolicy(max_steps=8)
+        noise = _replay(C, V, 8, seed=3)
+        res = model.denoise(CanvasState(fixed=_pinned(C)), cache, policy, noise)
+        out.append((res.tokens, res.steps))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    assert out[0][1] == out[1][1]
+
+
+# --------------------------------------------------------------------------------------
+# The window driver over a scripted target
+# --------------------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """Ids 10 + ord(c) - 32 for printable ASCII and '\\n'; specials are skipped."""
+
+    bos_token_id = BOS
+
+    def encode(self, text: str) -> list[int]:
+        return [10 + (ord(c) - 32 if c != "\n" else 95) for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(
+            "\n" if i == 105 else chr(i - 10 + 32) for i in ids if 10 <= i <= 105
+        )
+
+
+class ScriptedTarget:
+    """Writes `script(call)` into the holes of each window; records every call."""
+
+    backend = "fake"
+
+    def __init__(self, C: int = 8, script=None):
+        self.config = ModelConfig.from_dict(tiny_config_dict(canvas_length=C))
+        self.generation_config = GenerationConfig(eos_token_id=[EOS], pad_token_id=PAD)
+        self.script = script or (lambda k: np.full(C, 43 + k))  # "A", "B", ...
+        self.windows, self.encoded = [], []
+
+    def new_cache(self, batch_size):
+        return type("Cache", (), {"batch_size": batch_size, "offset": 0})()
+
+    def encode(self, ids, cache, attention_mask=None):
+        assert ids.shape[1] > 0
+        self.encoded.append(ids[0].tolist())
+        cache.offset += ids.shape[1]
+
+    def denoise(self, state, cache, policy, noise, on_step=None):
+        fixed = state.fixed[0]
+        self.windows.append((cache.offset, fixed.copy()))
+        tokens = np.where(fixed >= 0, fixed, self.script(len(self.windows) - 1))
+        one = np.ones(1, np.int64)
+        return CanvasResult(tokens[None].astype(np.int32), 2, 2 * one, state)
+
+    def peak_memory(self):
+        return 0
+
+
+TOK = CharTokenizer()
+
+
+def test_window_starts_at_the_hole_and_pins_the_suffix():
+    target = ScriptedTarget(C=8)
+    r = fill(target, TOK, ["def f", Hole(3), "(x): return x\n"])
+    assert r.text == "def fAAA(x): return x\n" and r.holes == ["AAA"]
+    offset, fixed = target.windows[0]
+    assert offset == 1 + 5  # <bos> "def f" encoded; the hole opens the canvas
+    assert TOK.decode(fixed[3:].tolist()) == "(x): " and (fixed[:3] == -1).all()
+    assert target.encoded == [[BOS, *TOK.encode("def f")]]
+
+
+def test_several_holes_each_filled_and_fixed_text_kept():
+    target = ScriptedTarget(C=8)
+    text = "a = " + dg.hole(2) + "\nb = 1\nc = " + dg.hole(3) + "\nprint(a, b, c)\n"
+    r = fill(target, TOK, text)
+    assert r.holes == ["AA", "BBB"]
+    assert r.text == "a = AA\nb = 1\nc = BBB\nprint(a, b, c)\n"
+    assert r.filled.sum() == 5 and r.stats.generated_tokens == 5
+    assert r.stats.canvases == 2 and r.stats.target_passes == 4
+
+
+def test_hole_longer_than_one_canvas_ends_in_a_window_that_sees_the_suffix():
+    target = ScriptedTarget(C=8)
+    r = fill(target, TOK, ["x = (", Hole(20), ")\ny = x\n"])
+    assert r.text == "x = (" + "A" * 8 + "B" * 8 + "C" * 4 + ")\ny = x\n"
+    assert [w[0] for w in target.windows] == [6, 14, 22]
+    # the hole's last window holds its end and, pinned, the start of the suffix
+    fixed = target.windows[-1][1]
+    assert (fixed[:4] == -1).all() and TOK.decode(fixed[4:].tolist()) == ")\ny "
+    assert sum(len(e) for e in target.encoded) == 22
+
+
+def test_chosen_length_hole_ends_at_eos_and_the_text_moves_up():
+    def script(k):
+        return np.array([43, 44, EOS, 45, 45, 45, 45, 45]) if k == 0 else np.full(8, 50)
+
+    target = ScriptedTarget(C=8, script=script)
+    r = fill(target, TOK, "s = " + dg.HOLE + "\nt = " + dg.hole(2) + "\n")
+    assert r.holes == ["AB", "HH"]
+    assert r.text == "s = AB\nt = HH\n"
+    assert len(r.ids) == 1 + len(r.text)
+    # the second window sees the text after the cut, at its new positions
+    offset, fixed = target.windows[1]
+    assert offset == 7 and TOK.decode(r.ids[1:offset].tolist()) == "s = AB"
+    assert TOK.decode(fixed[fixed >= 0].tolist()) == "\nt = \n"
+
+
+def test_chosen_hole_without_eos_takes_max_hole_tokens():
+    target = ScriptedTarget(C=8)
+    r = fill(target, TOK, ["def g():\n    return ", Hole(), "\n"], max_hole_tokens=5)
+    assert r.holes == ["AAAAA"]
+
+
+def test_text_shorter_than_a_canvas_ends_with_eos_then_pad():
+    target = ScriptedTarget(C=8)
+    r = fill(target, TOK, ["x", Hole(2)])
+    assert r.text == "xAA"
+    offset, fixed = target.windows[0]
+    assert (
+        offset == 1 and fixed.tolist() == [TOK.encode("x")[0], -1, -1, EOS] + [PAD] * 4
+    )
+
+
+def test_infill_and_edit_return_the_middle_and_the_text():
+    target = ScriptedTarget(C=8)
+    assert dg.infill(target, TOK, "ab", "cd", length=2) == "AA"
+    assert dg.edit(ScriptedTarget(C=8), TOK, "ab<|hole:1|>cd") == "abAcd"
+    # the prefix and suffix of infill are literal: a marker there is text
+    middle = dg.infill(ScriptedTarget(C=8), TOK, dg.HOLE, "x", length=1)
+    assert middle == "A"
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda t: fill(t, TOK, "no holes here"), "text_with_holes: no hole marker"),
+        (lambda t: fill(t, TOK, "a<|hole:0|>b"), "<|hole:0|>: expected a positive"),
+        (lambda t: fill(t, TOK, ["a", 3, Hole()]), "expected str or Hole parts"),
+        (lambda t: fill(t, TOK, ["a", Hole(-2)]), "Hole.tokens: expected a positive"),
+        (lambda t: fill(t, None, "a" + dg.HOLE), "tokenizer: infill needs"),
+        (lambda t: fill(t, TOK, "a" + dg.HOLE, max_hole_tokens=0), "max_hole_tokens"),
+        (lambda t: dg.infill(t, TOK, "a", "b", length=2, max_tokens=3), "length:"),
+        (lambda t: dg.infill(t, TOK, "a", 5), "suffix: expected a string"),
+        (lambda t: fill(t, TOK, "a" + dg.HOLE, top_p=0.9), "top_p"),
+    ],
+)
+def test_bad_arguments_get_one_line_errors(call, match):
+    with pytest.raises(ValueError, match=match.replace("|", r"\|")) as e:
+        call(ScriptedTarget())
+    assert "\n" not in str(e.value)
+
+
+def test_markers_parse():
+    assert parse_holes("a" + dg.HOLE + "b" + dg.hole(7)) == [
+        "a",
+        Hole(),
+        "b",
+        Hole(7),
+        "",
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# The embedded model
+# --------------------------------------------------------------------------------------
+
+CODE_PREFIX = "import os\n\n\ndef read_lines(path):\n    "
+CODE_MIDDLE = (
+    "\n    return [line.rstrip() for line in lines]\n\n\ndef count(path):\n    "
+)
+CODE_SUFFIX = "\n    return len(read_lines(path))\n"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_text_comes_back_byte_for_byte(backend):
+    model, tok = dg.load(
+        backend=backend, **({"device": "cpu"} if backend == "torch" else {})
+    )
+    parts = [CODE_PREFIX, Hole(12), CODE_MIDDLE, Hole(80), CODE_SUFFIX]
+    r = fill(model, tok, parts, seed=0, max_denoising_steps=8)
+    assert r.text.startswith(CODE_PREFIX) and r.text.endswith(CODE_SUFFIX)
+    assert CODE_MIDDLE in r.text
+    want = [tok.bos_token_id, *tok.encode(CODE_PREFIX)]
+    want += tok.encode(CODE_MIDDLE) + tok.encode(CODE_SUFFIX)
+    assert r.ids[~r.filled].tolist() == want
+    assert (
+        r.filled.sum() == 92 and r.stats.canvases >= 2
+    )  # 80 tokens: more than a canvas
+
+
+@needs_torch
+def test_infill_with_a_self_drafter_keeps_the_fixed_text():
+    model, tok = dg.load(backend="torch", device="cpu", drafter="self")
+    r = fill(model, tok, [CODE_PREFIX, Hole(10), CODE_SUFFIX], seed=0)
+    assert r.text.startswith(CODE_PREFIX) and r.text.endswith(CODE_SUFFIX)
+    assert r.stats.drafter_passes > 0
+
+
+@needs_torch
+def test_cli_infill_reads_stdin_and_prints_the_text(tmp_path, capsys, monkeypatch):
+    import io
+
+    from mlx_diffgem.cli import main
+
+    (tmp_path / "suffix.py").write_text(CODE_SUFFIX)
+    monkeypatch.setattr("sys.stdin", io.StringIO(CODE_PREFIX))
+    argv = [
+        "infill",
+        "--prefix-file",
+        "-",
+        "--suffix-file",
+        str(tmp_path / "suffix.py"),
+    ]
+    opts = ["--length", "6", "--backend", "torch", "--device", "cpu", "--whole"]
+    assert main(argv + opts) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(CODE_PREFIX) and out.endswith(CODE_SUFFIX)
+    assert len(out) > len(CODE_PREFIX + CODE_SUFFIX)

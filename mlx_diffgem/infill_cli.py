@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     prefix = _read(args.prefix_file, "--prefix-file")
     suffix = _read(args.suffix_file, "--suffix-file")
     from . import api
-    from .core.infill import infill
+    from .core.infill import Hole, fill
 
     opts = {"device": args.device} if args.device else {}
     if args.backend is not None:
@@ -60,17 +60,18 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = api.load(
         args.model, dtype=args.dtype, drafter=args.drafter, **opts
     )
+    if args.length is not None and args.length <= 0:
+        raise ValueError(f"--length: expected a positive integer, got {args.length}")
     steps = args.max_denoising_steps
-    middle = infill(
+    r = fill(
         model,
         tokenizer,
-        prefix,
-        suffix,
-        max_tokens=args.max_tokens,
-        length=args.length,
+        [prefix, Hole(args.length), suffix],
+        max_hole_tokens=args.max_tokens,
         seed=args.seed,
         **({} if steps is None else {"max_denoising_steps": steps}),
     )
-    sys.stdout.write(prefix + middle + suffix if args.whole else middle)
+    sys.stdout.write(r.text if args.whole else r.holes[0])
     sys.stdout.flush()
+    print("\n" + "=" * 10 + "\n" + r.stats.summary(), file=sys.stderr)
     return 0

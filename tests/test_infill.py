@@ -163,6 +163,12 @@ def test_window_starts_at_the_hole_and_pins_the_suffix():
     assert target.encoded == [[BOS, *TOK.encode("def f")]]
 
 
+def test_a_long_prefix_is_encoded_in_chunks():
+    target = ScriptedTarget(C=8)
+    r = fill(target, TOK, ["x" * 600, Hole(2), "y\n"])
+    assert r.holes == ["AA"] and [len(e) for e in target.encoded] == [512, 89]
+
+
 def test_several_holes_each_filled_and_fixed_text_kept():
     target = ScriptedTarget(C=8)
     text = "a = " + dg.hole(2) + "\nb = 1\nc = " + dg.hole(3) + "\nprint(a, b, c)\n"

@@ -7,9 +7,11 @@ filled left to right, one canvas window at a time:
    (s = q when at least C tokens follow), so the window holds the hole and as much
    of the text after it (the suffix, later holes) as fits: the encoder is causal, so
    text after the canvas is invisible to it; inside the canvas it is seen both ways.
-3. Encode the known tokens [p, s) into the cache; denoise the window with every
-   known token pinned (CanvasState.fixed) and every hole position free. Past the end
-   of the text the window is pinned to <eos> then <pad> (the text ends there).
+3. Encode the known tokens [p, s) into the cache (in chunks); denoise the window
+   with every known token pinned (CanvasState.fixed) and every hole position free.
+   Past the end of the text the window is pinned to <eos> then <pad> (the text ends
+   there). Pinned positions are kept with zero entropy; the stop rule's mean
+   entropy is over the holes only.
 4. The window's hole positions take the committed argmax. A hole of chosen length
    ends at its first <eos>/<pad>: that token and the hole's remaining positions are
    removed, so the text after it moves up. Repeat until no hole is left.
@@ -27,7 +29,7 @@ import numpy as np
 
 from .backend import CanvasResult, CanvasState, DenoisePolicy, Target
 from .config import GenerationConfig
-from .generate import generation_config
+from .generate import generation_config, prefill
 from .noise import NoiseSource, make_noise
 from .stats import Stats
 
@@ -186,7 +188,7 @@ def _fill_windows(
         s, pinned = win
         if s > p:  # 3
             t0 = time.perf_counter()
-            target.encode(layout.ids[None, p:s].astype(np.int32), cache)
+            prefill(target, layout.ids[None, p:s].astype(np.int32), cache)
             stats.prompt_time += time.perf_counter() - t0
         p = s
         state = CanvasState(fixed=pinned[None].astype(np.int32))

@@ -545,10 +545,10 @@ def splice(readme: Path, text: str) -> None:
     readme.write_text(f"{head}{START}\n\n{text}\n{END}{tail}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.report", description=__doc__.splitlines()[0]
-    )
+def main(
+    argv: Sequence[str] | None = None, prog: str = "python -m bench.report"
+) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="*", default=["bench/results"], help="files/folders")
     p.add_argument("--out", default="bench/results", help="folder for REPORT.md, PNGs")
     p.add_argument("--readme", type=Path, default=None, help="splice the tables here")

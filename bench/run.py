@@ -45,10 +45,8 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.run", description=__doc__.splitlines()[0]
-    )
+def _parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("suite", choices=SUITES)
     p.add_argument("--backend", default="mlx", choices=["mlx", "torch"])
     p.add_argument(
@@ -398,8 +396,8 @@ def _table(rec: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = _parser()
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench.run") -> int:
+    p = _parser(prog)
     args = p.parse_args(argv)
     _check(p, args)
     _set_threads(args.threads)

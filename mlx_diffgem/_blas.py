@@ -2,7 +2,7 @@
 
 The `mlx-cpu` wheel links the reference BLAS (float32 matmul ~3 GFLOP/s); preloading
 OpenBLAS with RTLD_GLOBAL makes MLX resolve its cblas symbols there (~20-40x faster).
-A no-op on macOS (Accelerate) and when no OpenBLAS is installed.
+A no-op on macOS (Accelerate); on Linux without OpenBLAS, `import_mlx` warns once.
 """
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ _CANDIDATES = (
 )
 
 loaded: list[str] = []
+_warned: list[bool] = []
+
+MISSING = (
+    "warning: OpenBLAS not found; MLX's CPU backend falls back to its reference BLAS "
+    "(~2.5x slower generation). Install it (Debian/Ubuntu: apt-get install "
+    "libopenblas0-pthread) or use --backend torch."
+)
 
 
 def load_fast_blas() -> list[str]:
@@ -40,7 +47,19 @@ def load_fast_blas() -> list[str]:
 
 def import_mlx():
     """`mlx.core`, imported after the fast BLAS is in place."""
-    load_fast_blas()
+    fresh = "mlx.core" not in sys.modules
+    if not load_fast_blas() and fresh:
+        warn_missing()
     import mlx.core as mx
 
     return mx
+
+
+def warn_missing() -> None:
+    """Say once (stderr) that MLX runs without a fast BLAS on this Linux machine."""
+    if _warned or not sys.platform.startswith("linux"):
+        return
+    if os.environ.get("DIFFGEM_NO_BLAS"):
+        return  # the user turned the preload off on purpose
+    _warned.append(True)
+    print(MISSING, file=sys.stderr)

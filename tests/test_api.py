@@ -136,7 +136,7 @@ def test_cli_generate_prints_text_and_stats(backend):
 
 
 def test_cli_compile_is_for_torch_only():
-    out = _cli("generate", "--compile", "--prompt", "x")
+    out = _cli("generate", "--backend", "mlx", "--compile", "--prompt", "x")
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
     assert "'compile' for the mlx backend" in out.stderr
 

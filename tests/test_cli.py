@@ -1,0 +1,245 @@
+"""The `diffgem` command line: help, version, backend choice, stats, progress, BLAS."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import io
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mlx_diffgem import __version__, cli, terminal
+from mlx_diffgem.core import auto
+from mlx_diffgem.core.stats import Stats
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+HAS_TORCH = auto.installed("torch")
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_diffgem", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=600,
+        **kw,
+    )
+
+
+def test_version_and_description(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"diffgem {__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "text-diffusion model" in out and "diffgem generate --prompt" in out
+
+
+def test_every_generate_option_has_help():
+    sub = argparse.ArgumentParser().add_subparsers()
+    cli._generate_parser(sub)
+    actions = sub.choices["generate"]._actions
+    missing = [a.option_strings for a in actions if not a.help]
+    assert not missing
+    flags = {s for a in actions for s in a.option_strings}
+    assert {"--seed", "--t-min", "--no-chat", "--backend", "--dtype"} <= flags
+
+
+def test_bench_help_names_the_diffgem_command(capsys):
+    for tool in cli.BENCH_TOOLS:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", tool, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: diffgem bench {tool}")
+
+
+@pytest.mark.parametrize(
+    "mlx, torch, apple, options, want",
+    [
+        (True, True, True, {}, "mlx"),  # Apple silicon
+        (True, True, False, {}, "torch"),  # Linux: CUDA, or CPU where torch is faster
+        (True, False, False, {}, "mlx"),  # only MLX installed
+        (False, True, True, {}, "torch"),
+        (True, True, True, {"device": "mps"}, "torch"),  # a torch-only option
+    ],
+)
+def test_auto_backend(monkeypatch, mlx, torch, apple, options, want):
+    monkeypatch.setattr(auto, "installed", {"mlx": mlx, "torch": torch}.get)
+    monkeypatch.setattr(auto, "apple_silicon", lambda: apple)
+    assert auto.resolve_backend("auto", options) == want
+    assert auto.resolve_backend("mlx", options) == "mlx"  # explicit wins
+
+
+def test_auto_backend_without_any_backend_is_one_line(monkeypatch):
+    monkeypatch.setattr(auto, "installed", lambda name: False)
+    with pytest.raises(ImportError, match=r"neither mlx nor torch.*\[cpu\]"):
+        auto.choose_backend()
+
+
+def _stats(**kw) -> Stats:
+    base = dict(
+        prompt_tokens=10,
+        prompt_time=0.1,
+        generation_time=2.0,
+        canvases=1,
+        generated_tokens=64,
+        row_passes=48,
+        steps_per_canvas=[48],
+        peak_memory=int(2e8),
+    )
+    return Stats(**{**base, **kw})
+
+
+def test_stats_lines_say_what_the_numbers_mean():
+    lines = terminal.stats_lines(
+        _stats(), canvas=64, max_tokens=32, memory="process peak RSS"
+    )
+    text = "\n".join(lines)
+    assert "64 tokens" in text and "--max-tokens 32 rounded up" in text
+    assert "1 canvas of 64" in text
+    assert "steps/canvas: 48.0 (denoising passes" in text
+    assert "tokens/forward: 1.33 (generated tokens per denoising pass)" in text
+    assert "peak memory: 0.200 GB (process peak RSS)" in text
+    assert "includes warm-up" in text and "compile" not in text
+    compiled = terminal.stats_lines(_stats(), canvas=64, max_tokens=None, memory="x")
+    assert "the default length rounded up" in compiled[1]
+    timed = terminal.stats_lines(
+        _stats(), canvas=64, max_tokens=64, memory="x", compile_s=31.5
+    )
+    assert timed[-1].startswith("compile: 31.5 s") and "warm-up" not in timed[0]
+
+
+def test_memory_label_names_the_quantity():
+    mlx = SimpleNamespace(backend="mlx")
+    assert terminal.memory_label(mlx) == "MLX allocator peak"
+    for kind, want in [("cpu", "process peak RSS"), ("cuda", "CUDA allocator peak")]:
+        t = SimpleNamespace(backend="torch", device=SimpleNamespace(type=kind))
+        assert terminal.memory_label(t) == want
+        assert terminal.memory_label(SimpleNamespace(target=t, backend="torch")) == want
+
+
+class _FakeTarget:
+    backend, path = "fake", Path(".")
+    config = generation_config = None
+
+    def __init__(self):
+        self.encoded: list[int] = []
+
+    def encode(self, ids, cache, attention_mask=None):
+        self.encoded.append(len(ids[0]))
+
+
+def test_prefill_progress_counts_prompt_tokens_only(monkeypatch):
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    fake = _FakeTarget()
+    model = terminal.PrefillProgress(fake, 1200, enabled=True)
+    for n in (512, 512, 176, 64):  # three prompt chunks, then a committed canvas
+        model.encode([[0] * n], None)
+    assert fake.encoded == [512, 512, 176, 64]
+    assert model.done == 1200 and model.bar.n == 1200
+    assert "prompt:   0%|" in err.getvalue()  # the bar; leave=False erases it at 100%
+
+
+def test_bars_are_quiet_without_a_terminal():
+    assert terminal.bar(3, "canvases", "canvas").disable  # pytest captures stderr
+    out = _cli("generate", "--prompt", "x " * 1100, "--max-tokens", "128")
+    assert out.returncode == 0, out.stderr
+    assert "it/s" not in out.stderr and "tok/s]" not in out.stderr
+
+
+def test_progress_on_a_terminal():
+    """stderr on a pseudo-terminal, stdout to a pipe: a prompt bar and a canvas bar."""
+    master, slave = pty.openpty()
+    # a fresh pty is 0 columns wide, which tqdm draws as nothing
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_diffgem", "generate", "--prompt", "x " * 2100]
+        + ["--max-tokens", "128", "--backend", "mlx"],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=ENV,
+        cwd=ROOT,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=600)
+    os.close(master)
+    err = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, err
+    assert "prompt:" in err and "tok/" in err  # the prefill bar
+    assert "canvases:" in err  # the canvas bar (stdout is not the terminal)
+    assert "generation:" in err
+
+
+def test_cli_default_backend_is_auto():
+    out = _cli("generate", "--prompt", "def f(x):", "--max-tokens", "64")
+    assert out.returncode == 0, out.stderr
+    label = "process peak RSS" if HAS_TORCH else "MLX allocator peak"
+    assert f"({label})" in out.stderr
+
+
+BLAS_MISSING = """
+import sys
+from mlx_diffgem import _blas
+_blas._CANDIDATES = ("/nonexistent/libopenblas.so.0",)
+from mlx_diffgem import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_warns_once_without_openblas():
+    args = ["generate", "--prompt", "x", "--max-tokens", "64", "--backend", "mlx"]
+    out = subprocess.run(
+        [sys.executable, "-c", BLAS_MISSING, *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("warning: OpenBLAS not found") == 1
+    assert "apt-get install libopenblas0-pthread" in out.stderr
+    found = _cli(*args)  # with OpenBLAS installed: no warning
+    if _openblas_installed():
+        assert "OpenBLAS" not in found.stderr
+
+
+def _openblas_installed() -> bool:
+    import glob
+
+    from mlx_diffgem import _blas
+
+    return any(glob.glob(p) for p in _blas._CANDIDATES)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TORCH, reason="no torch")
+def test_compile_says_compiling_and_times_apart():
+    out = _cli("generate", "--prompt", "def f(x):", "--max-tokens", "64", "--compile")
+    assert out.returncode == 0, out.stderr
+    assert "compiling the denoising step" in out.stderr
+    assert "compile:" in out.stderr and "not in the rates" in out.stderr

@@ -18,6 +18,8 @@ from bench.cost import (
     kv_bytes_per_token,
     layer_weights,
     load_preset,
+    multi_canvas,
+    multi_canvas_regimes,
     param_counts,
 )
 from bench.hardware import DEVICES, get_device, measure_this_machine
@@ -251,6 +253,35 @@ def test_cli_options_and_errors():
     assert bad.returncode == 2 and "known devices" in bad.stderr
     bad = _run_cli("--preset", "nope")
     assert bad.returncode == 2 and "known presets" in bad.stderr
+
+
+def test_multi_canvas_pays_only_when_memory_bound(cfg):
+    dev = DEVICES["H100 SXM"]
+    # The released step streams ~52 GB of bf16 weights: memory-bound on an H100, so
+    # a 2-canvas pass costs about one pass (weights once) and each canvas ~half.
+    rows = multi_canvas(cfg, dev, quant="bf16", canvases=(2, 4))
+    assert [r["canvases"] for r in rows] == [1, 2, 4]
+    assert rows[0]["per_canvas_vs_single"] == 1.0
+    assert rows[1]["bound"] == "memory" and 0.5 < rows[1]["per_canvas_vs_single"] < 0.6
+    assert rows[2]["per_canvas_vs_single"] < rows[1]["per_canvas_vs_single"]
+    # With bandwidth to spare every pass is compute-bound: FLOPs grow with the
+    # canvases, so there is nothing to gain.
+    fast = multi_canvas(cfg, dev, quant="bf16", canvases=(2,), bandwidth_gbs=1e9)
+    assert fast[1]["bound"] == "compute"
+    assert fast[1]["per_canvas_vs_single"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_multi_canvas_regimes_and_cli(cfg):
+    rows = {
+        (r["device"], r["quant"], r["bandwidth"]): r for r in multi_canvas_regimes(cfg)
+    }
+    # M1 Ultra: bf16 compute-bound (no gain); a 4-bit MoE kernel's ~80 GB/s: a gain.
+    assert rows["M1 Ultra", "bf16", "peak"]["per_canvas_vs_single"] == pytest.approx(1)
+    assert rows["M1 Ultra", "4bit", "effective 4-bit MoE"]["per_canvas_vs_single"] < 0.7
+    r = _run_cli("--multi-canvas", "2", "--device", "H100")
+    assert r.returncode == 0 and "Verifying 2 canvases" in r.stdout
+    bad = _run_cli("--multi-canvas", "1")
+    assert bad.returncode == 2 and "--multi-canvas" in bad.stderr
 
 
 def test_imports_neither_mlx_nor_torch():

@@ -382,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import infill_cli
 
     infill_cli.add_parser(sub)
+    from . import server  # the web stack loads only when serving
+
+    server.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         commands = {
@@ -389,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "convert": run_convert,
             "bench": run_bench,
             "infill": infill_cli.run,
+            "serve": server.run,
         }
         return commands[args.command](args)
     # Input errors, a missing model file or backend: one line, not a traceback.

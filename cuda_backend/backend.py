@@ -19,6 +19,7 @@ from mlx_diffgem.core.backend import (
     CanvasState,
     DenoisePolicy,
     check_batch_size,
+    check_decode,
     check_encode,
     check_ids,
 )
@@ -97,13 +98,19 @@ class TorchTarget:
     def decode(
         self, canvas_ids: Any, cache: Cache, self_conditioning: Any = None
     ) -> torch.Tensor:
-        """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits."""
+        """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits.
+
+        canvas_ids: [B, C] (numpy or torch) with C the model's canvas_length;
+        self_conditioning: [B, C, V] logits (numpy or torch) or None.
+        """
+        shape = check_decode(self, canvas_ids, cache, self_conditioning)
         if not isinstance(canvas_ids, torch.Tensor):
             canvas_ids = check_ids(canvas_ids, self.config.vocab_size, "canvas_ids")
         canvas_ids = torch.as_tensor(canvas_ids, device=self.device).long()
-        if self_conditioning is not None:
-            self_conditioning = torch.as_tensor(self_conditioning, device=self.device)
-        return self.model.decode(canvas_ids, cache, self_conditioning)
+        sc = self_conditioning
+        if sc is not None:
+            sc = torch.as_tensor(sc, device=self.device).to(self.model.dtype)
+        return self.model.decode(canvas_ids.reshape(shape), cache, sc)
 
     def denoise(
         self,
@@ -228,8 +235,11 @@ def load(
             f"{folder / 'config.json'}: MLX-quantized checkpoints load with backend "
             "'mlx'; the torch backend expects the Hugging Face weights"
         )
-    checkpoint.check_checkpoint(folder, config)  # headers only: fails fast
+    # Both configs and every tensor header are checked before any weight is read.
+    gen = checkpoint.load_generation_config(folder, config)
+    checkpoint.check_checkpoint(folder, config)
     tensors = load_tensors(checkpoint.weight_files(folder), dev, DTYPES[dtype])
+    check_finite(tensors, folder)
     with torch.device("meta"):
         model = Model(config)
     model.load_state_dict(tensors, strict=True, assign=True)
@@ -239,5 +249,12 @@ def load(
         quantize.quantize_model(model, quantization)
     if mode is not None:
         compile_model(model, mode)
-    gen = checkpoint.load_generation_config(folder, config)
     return TorchTarget(model, config, gen, folder, max_len)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse NaN/inf weights by name (they would give garbage text or a sampler
+    error deep in a step)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{source}: tensor {name} has NaN or infinite values")

@@ -106,6 +106,8 @@ class Cache:
     `static` marks the K/V buffers for torch.compile (see `_static`).
     """
 
+    backend = "torch"  # generation refuses a cache of another backend
+
     def __init__(
         self,
         config: ModelConfig,

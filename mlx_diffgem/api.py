@@ -11,8 +11,8 @@ import numpy as np
 
 from .core.auto import resolve_backend
 from .core.backend import StepView, Target, check_ids, get_backend
-from .core.generate import CanvasEvent, generate_canvases, generation_config
-from .core.noise import NoiseSource, make_noise
+from .core.generate import CanvasEvent, generate_canvases
+from .core.noise import NoiseSource
 from .core.speculative import SpecPolicy, SpeculativeModel
 from .core.stats import Response, Stats
 from .core.tokenizer import (
@@ -21,6 +21,7 @@ from .core.tokenizer import (
     format_prompt,
     load_tokenizer,
 )
+from .core.validate import Call, check_call
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -103,7 +104,7 @@ def to_numpy(x: Any) -> np.ndarray:
 
 
 def _prompt_ids(
-    tokenizer: Tokenizer | None, prompt: Any, chat: bool | None
+    tokenizer: Tokenizer | None, prompt: Any, chat: bool | None, vocab_size: int
 ) -> np.ndarray:
     if isinstance(prompt, str) or (
         isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
@@ -113,7 +114,15 @@ def _prompt_ids(
                 "prompt: text needs a tokenizer; this model has none, pass ids"
             )
         return np.asarray([format_prompt(tokenizer, prompt, chat)], np.int32)
-    return np.asarray(prompt, np.int32).reshape(1, -1)
+    if prompt is None:
+        raise ValueError("prompt: expected text, chat messages or token ids, got None")
+    ids = check_ids(prompt, vocab_size, "prompt")
+    if ids.shape[0] != 1:
+        raise ValueError(
+            f"prompt: got {ids.shape[0]} rows of ids; generate and stream_generate "
+            "take one prompt (use generate_ids for a batch)"
+        )
+    return ids
 
 
 def _max_tokens(max_tokens: int | None, overrides: dict[str, Any]) -> None:
@@ -156,20 +165,33 @@ def stream_generate(
         Response objects; the last one has `finished=True` and the final stats.
     """
     _max_tokens(max_tokens, generation_overrides)
-    gen = generation_config(model, generation_overrides)
-    ids = check_ids(_prompt_ids(tokenizer, prompt, chat), model.config.vocab_size)
-    stats = Stats()
+    vocab = model.config.vocab_size
+    # Everything is checked before the first side effect (cache, noise, device).
+    call = check_call(
+        model,
+        _prompt_ids(tokenizer, prompt, chat, vocab),
+        noise=noise,
+        seed_value=seed,
+        cache=cache,
+        overrides=generation_overrides,
+    )
+    return _stream(model, tokenizer, call, cache, draft)
+
+
+def _stream(
+    model: Target, tokenizer: Tokenizer | None, call: Call, cache: Any, draft: bool
+) -> Iterator[Response]:
+    gen, stats = call.gen, Stats()
     detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
     events = generate_canvases(
         model,
-        ids,
+        call.ids,
         gen=gen,
-        noise=make_noise(noise, seed),
+        noise=call.noise,
         stats=stats,
         cache=cache,
         drafts=draft,
     )
-    last: Response | None = None
     for ev in events:
         if isinstance(ev, StepView):
             text = (
@@ -187,14 +209,11 @@ def stream_generate(
                 source=ev.source,
             )
             continue
-        if last is not None:
-            yield last
-        last = _canvas_response(ev, detok, gen.pad_token_id, stats)
-    if last is not None:
-        tail = detok.finalize() if detok is not None else ""
-        last.text += tail
-        last.finished, last.finish_reason = True, stats.finish_reason
-        yield last
+        r = _canvas_response(ev, detok, gen.pad_token_id, stats)
+        if ev.last:  # yielded at once: streaming is never a canvas late
+            r.text += detok.finalize() if detok is not None else ""
+            r.finished, r.finish_reason = True, stats.finish_reason
+        yield r
 
 
 def _canvas_response(

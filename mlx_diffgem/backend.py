@@ -14,6 +14,7 @@ from mlx_diffgem.core.backend import (
     CanvasState,
     DenoisePolicy,
     check_batch_size,
+    check_decode,
     check_encode,
     check_ids,
 )
@@ -68,12 +69,19 @@ class MLXTarget:
         mx.eval(cache.state)
 
     def decode(self, canvas_ids: Any, cache, self_conditioning: Any = None) -> mx.array:
-        """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits."""
+        """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits.
+
+        canvas_ids: [B, C] (numpy or mx) with C the model's canvas_length;
+        self_conditioning: [B, C, V] logits (numpy or mx) or None.
+        """
+        shape = check_decode(self, canvas_ids, cache, self_conditioning)
         if not isinstance(canvas_ids, mx.array):
-            canvas_ids = mx.array(
-                check_ids(canvas_ids, self.config.vocab_size, "canvas_ids")
-            )
-        return self.model.decode(canvas_ids, cache, self_conditioning)
+            canvas_ids = check_ids(canvas_ids, self.config.vocab_size, "canvas_ids")
+        sc = self_conditioning
+        if sc is not None and not isinstance(sc, mx.array):
+            sc = np.asarray(sc, np.float32)
+        sc = None if sc is None else mx.array(sc).astype(self.model.dtype)
+        return self.model.decode(mx.array(canvas_ids).reshape(shape), cache, sc)
 
     def denoise(
         self,
@@ -142,15 +150,47 @@ def load(
         raise ValueError(
             f"load: unexpected argument {sorted(kwargs)[0]!r} for the mlx backend"
         )
-    dtype = dtype or default_dtype()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    dtype = check_dtype(dtype)
     recipe = None if quantization is None else quantize.parse_spec(quantization)
     folder = checkpoint.resolve(path)
     config = checkpoint.load_config(folder)
-    model = build_model(config, checkpoint.weight_files(folder), dtype)
+    # Both configs and every tensor header are checked before any weight is read.
+    gen = checkpoint.load_generation_config(folder, config)
+    checkpoint.check_checkpoint(folder, config)
+    files = checkpoint.weight_files(folder)
+    model = build_model(config, files, dtype)
     if recipe is not None:
         quantize.quantize_model(model, config, recipe)
     mx.eval(model.parameters())
-    gen = checkpoint.load_generation_config(folder)
+    check_finite(model, files[0].parent)
     return MLXTarget(model, config, gen, folder)
+
+
+def check_dtype(dtype: str | None) -> str:
+    """The dtype name to load in: `dtype`, checked, or the device's default."""
+    dtype = dtype or default_dtype()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype != "float32" and mx.default_device() == mx.cpu:
+        raise ValueError(
+            f"dtype: {dtype} is not supported by MLX on the CPU (its expert matmul, "
+            "gather_mm, runs float32 only); use dtype='float32' or backend='torch'"
+        )
+    return dtype
+
+
+def check_finite(model: Model, source: Path) -> None:
+    """Refuse NaN/inf weights by name (they would give empty or garbage text)."""
+    from mlx.utils import tree_flatten
+
+    params = [
+        (k, v)
+        for k, v in tree_flatten(model.parameters())
+        if mx.issubdtype(v.dtype, mx.floating)
+    ]
+    for s in range(0, len(params), 64):  # a few syncs; bounded temporaries
+        chunk = params[s : s + 64]
+        ok = np.array(mx.stack([mx.isfinite(v).all() for _, v in chunk]))
+        if not ok.all():
+            name = chunk[int(np.flatnonzero(~ok)[0])][0]
+            raise CheckpointError(f"{source}: tensor {name} has NaN or infinite values")

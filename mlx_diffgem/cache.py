@@ -110,6 +110,8 @@ class Cache:
         layers: one `_Store` per layer.
     """
 
+    backend = "mlx"  # generation refuses a cache of another backend
+
     def __init__(self, layer_types: list[str], window: int, batch_size: int):
         self.batch_size = batch_size
         self.offset = 0

@@ -433,8 +433,11 @@ def test_autoregressive_options_raise(key, value):
 def test_generation_config_validation():
     with pytest.raises(ValueError, match="unknown generation option 'foo'"):
         GenerationConfig().update(foo=1)
-    with pytest.raises(ValueError, match="entropy_bound must be a float > 0, got 1"):
-        GenerationConfig().update(sampler_config={"entropy_bound": 1})
+    # The reference refuses an int bound; we accept it (issue 11) and refuse <= 0.
+    gen = GenerationConfig().update(sampler_config={"entropy_bound": 1})
+    assert gen.entropy_bound == 1.0 and isinstance(gen.entropy_bound, float)
+    with pytest.raises(ValueError, match="entropy_bound must be a finite number > 0"):
+        GenerationConfig().update(sampler_config={"entropy_bound": 0})
     with pytest.raises(ValueError, match="t_max must be > t_min"):
         GenerationConfig().update(t_min=0.5, t_max=0.5)
     with pytest.raises(ValueError, match="t_max must be > t_min"):

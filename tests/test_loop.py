@@ -15,6 +15,8 @@ C, V = 4, 128
 
 
 class FakeCache:
+    backend = "fake"  # the Cache protocol: generation refuses another backend's cache
+
     def __init__(self, batch_size):
         self.batch_size, self.offset, self.pending = batch_size, 0, None
 

@@ -16,6 +16,11 @@ import numpy as np
 
 from .config import GenerationConfig, ModelConfig
 from .noise import NoiseSource
+from .validate import check_decode as check_decode
+
+# check_ids is re-exported: the backends and the API import it from here.
+from .validate import check_ids as check_ids
+from .validate import check_mask
 
 BACKENDS = {"mlx": "mlx_diffgem.backend", "torch": "cuda_backend.backend"}
 
@@ -131,6 +136,7 @@ def role_of(model: Any) -> str:
 class Cache(Protocol):
     """A backend's KV cache: prompt + committed canvases, never a canvas in flight."""
 
+    backend: str  # the backend that made it ("mlx", "torch"): caches do not mix
     batch_size: int
     offset: int  # slots processed so far (pads included: positions are slot indices)
     pending: np.ndarray | None  # last committed canvas, encoded at the next call
@@ -204,26 +210,6 @@ def get_backend(name: str) -> Any:
         ) from e
 
 
-def check_ids(ids: Any, vocab_size: int, name: str = "input_ids") -> np.ndarray:
-    """Validate token ids at the boundary: 2-D, integer, non-empty, inside the vocab."""
-    arr = np.asarray(ids)
-    if arr.ndim == 1:
-        arr = arr[None]
-    if arr.ndim != 2:
-        raise ValueError(f"{name}: expected shape (batch, length), got {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name}: expected integer token ids, got dtype {arr.dtype}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name}: empty prompt; expected at least one token")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})"
-        )
-    return arr.astype(np.int32)
-
-
 def check_batch_size(batch_size: Any) -> int:
     if (
         isinstance(batch_size, bool)
@@ -243,11 +229,5 @@ def check_encode(
         raise ValueError(
             f"ids: batch {ids.shape[0]} does not match the cache's {batch_size}"
         )
-    if attention_mask is None:
-        return ids, None
-    mask = np.asarray(attention_mask)
-    if mask.shape != ids.shape:
-        raise ValueError(
-            f"attention_mask: expected shape {ids.shape}, got {mask.shape}"
-        )
-    return ids, mask.astype(bool)
+    mask = check_mask(attention_mask, ids)
+    return ids, None if mask is None else mask.astype(bool)

@@ -341,7 +341,30 @@ def check_checkpoint(
         if internal is not None:
             found[internal] = entry
     check_shapes({k: v[1] for k, v in found.items()}, cfg, source)
+    check_dtypes(found, source)
     return found
+
+
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+# MLX quantization packs a weight into uint32 words next to its float `.scales`.
+_PACKED_DTYPES = ("U32",)
+
+
+def check_dtypes(found: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
+    """Every tensor must be float (an int or bool norm weight would load and silently
+    change the output); packed quantized weights (with `.scales`) are uint32."""
+    for name, (dtype, _) in found.items():
+        packed = _scales_name(name) in found
+        allowed = _PACKED_DTYPES + FLOAT_DTYPES if packed else FLOAT_DTYPES
+        if dtype not in allowed:
+            raise CheckpointError(
+                f"{source}: tensor {name} has dtype {dtype}; expected one of "
+                f"{', '.join(allowed)}"
+            )
+
+
+def _scales_name(name: str) -> str:
+    return name.removesuffix(".weight") + ".scales"
 
 
 # --------------------------------------------------------------------------------------
@@ -365,9 +388,11 @@ def load_generation_config(
     and never pads; we follow what a user of mlx-lm or vLLM expects instead.
     """
     path = Path(folder) / "generation_config.json"
-    if path.is_file():
-        return GenerationConfig.from_file(path)
     cfg = model_cfg if model_cfg is not None else load_config(folder)
+    if path.is_file():
+        gen = GenerationConfig.from_file(path)
+        gen.check_vocab(cfg.vocab_size, str(path))  # ids inside the model's vocab
+        return gen
     return GenerationConfig(
         eos_token_id=cfg.eos_ids,
         pad_token_id=cfg.pad_token_id,

@@ -19,17 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from . import validate as V
 from .backend import (
     CanvasResult,
     CanvasState,
     DenoisePolicy,
     StepView,
     Target,
-    check_ids,
 )
 from .config import GenerationConfig
-from .noise import NoiseSource, make_noise
+from .noise import NoiseSource
 from .stats import Stats
+from .validate import check_cache, check_call
 
 PREFILL_CHUNK = 512
 
@@ -42,11 +43,14 @@ class CanvasEvent:
     tokens: np.ndarray  # [B, C] int32
     finished: np.ndarray  # [B] bool
     result: CanvasResult
+    last: bool = False  # no canvas follows (stats.finish_reason is set)
 
 
 def generation_config(target: Target, overrides: dict[str, Any]) -> GenerationConfig:
     """The model's generation config with call overrides (AR-only keys raise)."""
-    return target.generation_config.update(source="generate", **overrides)
+    gen = target.generation_config.update(source="generate", **overrides)
+    gen.check_vocab(target.config.vocab_size, "generate")
+    return gen
 
 
 def prefill(
@@ -62,20 +66,6 @@ def prefill(
     for s in range(0, ids.shape[1], chunk):
         mask = None if attention_mask is None else attention_mask[:, s : s + chunk]
         target.encode(ids[:, s : s + chunk], cache, mask)
-
-
-def _check_mask(mask: Any, ids: np.ndarray) -> np.ndarray | None:
-    if mask is None:
-        return None
-    mask = np.asarray(mask)
-    if mask.shape != ids.shape:
-        raise ValueError(
-            f"attention_mask: expected shape {ids.shape} (one entry per prompt token), "
-            f"got {mask.shape}"
-        )
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError("attention_mask: expected 0 (pad) / 1 (token) entries")
-    return mask.astype(np.int32)
 
 
 def _finish(
@@ -109,11 +99,10 @@ def generate_canvases(
     """Run the block loop; yields one CanvasEvent per committed canvas and, with
     `drafts`, a StepView (live argmax canvas) after every denoising step."""
     B, C = prompt_ids.shape[0], target.config.canvas_length
-    cache = target.new_cache(B) if cache is None else cache
-    if cache.batch_size != B:
-        raise ValueError(
-            f"cache: built for batch {cache.batch_size}, prompt has batch {B}"
-        )
+    if cache is None:
+        cache = target.new_cache(B)
+    else:
+        check_cache(target, cache, B)
     ids, mask = prompt_ids, attention_mask
     if cache.pending is not None:  # the last canvas of the previous call (multi-turn)
         ids = np.concatenate([cache.pending, ids], axis=1)
@@ -156,9 +145,14 @@ def generate_canvases(
         _count(stats, committed, res, gen)
         stats.generation_time = time.perf_counter() - t0
         stats.peak_memory = max(stats.peak_memory, target.peak_memory())
-        yield CanvasEvent(k, committed, finished.copy(), res)
-        if finished.all():  # 3
-            break
+        last = bool(finished.all()) or k == n_canvases - 1  # 3
+        if last:
+            stats.finish_reason = "stop" if finished.all() else "length"
+            cache.pending = committed
+        # Yielded as soon as committed: a stream shows it before the next canvas.
+        yield CanvasEvent(k, committed, finished.copy(), res, last)
+        if last:
+            return
     stats.finish_reason = "stop" if finished.all() else "length"
     cache.pending = committed
 
@@ -211,31 +205,28 @@ def generate_ids(
     Returns:
         (sequences [B, P + k*C] int32, Stats)
     """
-    gen = generation_config(model, generation_overrides)
-    ids = check_ids(prompt_ids, model.config.vocab_size)
-    mask = _check_mask(attention_mask, ids)
-    first = None
-    if decoder_input_ids is not None:
-        first = check_ids(
-            decoder_input_ids, model.config.vocab_size, "decoder_input_ids"
-        )
-        if first.shape != (ids.shape[0], model.config.canvas_length):
-            raise ValueError(
-                "decoder_input_ids: expected shape "
-                f"{(ids.shape[0], model.config.canvas_length)}"
-                f", got {first.shape}"
-            )
+    call = check_call(
+        model,
+        prompt_ids,
+        attention_mask=attention_mask,
+        noise=noise,
+        seed_value=seed,
+        cache=cache,
+        decoder_input_ids=decoder_input_ids,
+        overrides=generation_overrides,
+    )
+    V.integer(prefill_chunk, "prefill_chunk", lo=1)
     stats = Stats()
     events = generate_canvases(
         model,
-        ids,
-        gen=gen,
-        noise=make_noise(noise, seed),
+        call.ids,
+        gen=call.gen,
+        noise=call.noise,
         stats=stats,
         cache=cache,
-        attention_mask=mask,
-        first_canvas=first,
+        attention_mask=call.mask,
+        first_canvas=call.first_canvas,
         prefill_chunk=prefill_chunk,
     )
     canvases = [e.tokens for e in events]
-    return np.concatenate([ids, *canvases], axis=1), stats
+    return np.concatenate([call.ids, *canvases], axis=1), stats

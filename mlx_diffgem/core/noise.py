@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from . import validate as V
+
 KINDS = ("initial_canvas", "sample", "renoise")
 
 
@@ -44,7 +46,9 @@ class SeededNoise:
     """
 
     def __init__(self, seed: int | None = 0):
-        self.seed = seed
+        # Any integer, reduced modulo 2**64 (validate.seed): both backends then seed
+        # their device generator with the same value.
+        self.seed = V.seed(seed)
         self.state: Any = None
 
     def initial_canvas(self, shape: tuple[int, int], vocab: int) -> None:
@@ -101,11 +105,22 @@ class ReplayNoise:
 
 
 def make_noise(noise: NoiseSource | None, seed: int | None) -> NoiseSource:
-    """`noise` if given (a seed then is an error), else a seeded device source."""
+    """`noise` if given (a seed then is an error), else a seeded device source.
+
+    `seed`: None (fresh entropy) or any Python/numpy integer, reduced modulo 2**64
+    (so -1 means 2**64 - 1) the same way on every backend; bools are refused.
+    """
     if noise is not None:
         if seed is not None:
             raise ValueError("seed: give either noise= or seed=, not both")
         if not isinstance(noise, NoiseSource):
-            raise ValueError("noise: expected a NoiseSource (SeededNoise, ReplayNoise)")
+            raise ValueError(
+                "noise: expected a NoiseSource (SeededNoise, ReplayNoise), got "
+                f"{type(noise).__name__}"
+            )
+        if noise.seed is not None and V.seed(noise.seed) != noise.seed:
+            raise ValueError(
+                f"noise.seed: expected None or [0, 2**64), got {noise.seed}"
+            )
         return noise
     return SeededNoise(seed)

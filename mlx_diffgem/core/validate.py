@@ -107,7 +107,7 @@ def token_id(
         or value < 0
         or (vocab_size is not None and value >= vocab_size)
     ):
-        want = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        want = f"[0, vocab_size={vocab_size})" if vocab_size is not None else ">= 0"
         raise error(
             f"{_where(source)}{name} must be a token id in {want}, got {value!r}"
         )

@@ -96,13 +96,13 @@ def stats_lines(
 ) -> list[str]:
     """The stats block of `diffgem generate`, one fact per line with its meaning."""
     n = stats.canvases
-    asked = f"--max-tokens {max_tokens}" if max_tokens else "the default length"
     lines = [
         f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s"
         + (" (includes warm-up)" if compile_s is None else ""),
         f"generation: {stats.generated_tokens} tokens, {stats.generation_tps:.1f} "
-        f"tok/s ({n} canvas{'es' if n != 1 else ''} of {canvas}: the model writes "
-        f"whole canvases, {asked} rounded up; EOS and padding are not counted)",
+        f"tok/s ({n} canvas{'es' if n != 1 else ''} of {canvas} tokens"
+        + _rounding(max_tokens, canvas)
+        + "; EOS and padding are not counted)",
         f"steps/canvas: {stats.mean_steps_per_canvas:.1f} (denoising passes of the "
         "model per canvas, mean)",
         f"tokens/forward: {stats.tokens_per_forward:.2f} (generated tokens per "
@@ -120,6 +120,16 @@ def stats_lines(
     if compile_s is not None:
         lines.append(f"compile: {compile_s:.1f} s (warm-up run, not in the rates)")
     return lines
+
+
+def _rounding(max_tokens: int | None, canvas: int) -> str:
+    if not max_tokens or max_tokens % canvas == 0:
+        return ""
+    whole = math.ceil(max_tokens / canvas) * canvas
+    return (
+        f"; the model writes whole canvases, so --max-tokens {max_tokens} "
+        f"became {whole}"
+    )
 
 
 def canvases_for(max_tokens: int | None, default: int, canvas: int) -> int:

@@ -108,14 +108,14 @@ def test_stats_lines_say_what_the_numbers_mean():
         _stats(), canvas=64, max_tokens=32, memory="process peak RSS"
     )
     text = "\n".join(lines)
-    assert "64 tokens" in text and "--max-tokens 32 rounded up" in text
-    assert "1 canvas of 64" in text
+    assert "64 tokens" in text and "--max-tokens 32 became 64" in text
+    assert "1 canvas of 64 tokens" in text
     assert "steps/canvas: 48.0 (denoising passes" in text
     assert "tokens/forward: 1.33 (generated tokens per denoising pass)" in text
     assert "peak memory: 0.200 GB (process peak RSS)" in text
     assert "includes warm-up" in text and "compile" not in text
     compiled = terminal.stats_lines(_stats(), canvas=64, max_tokens=None, memory="x")
-    assert "the default length rounded up" in compiled[1]
+    assert "whole canvases" not in compiled[1]  # nothing was rounded
     timed = terminal.stats_lines(
         _stats(), canvas=64, max_tokens=64, memory="x", compile_s=31.5
     )

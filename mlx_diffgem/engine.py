@@ -35,6 +35,9 @@ class GenRequest:
     draft: bool = False
     timeout: float = 600.0
     overrides: dict[str, Any] = field(default_factory=dict)  # GenerationConfig
+    # infill: the text between `prefix` and `suffix` (then `prompt` is unused)
+    prefix: str | None = None
+    suffix: str | None = None
 
 
 @dataclass
@@ -236,6 +239,8 @@ class Engine:
         r = job.request
         if self._stopped(job):
             return
+        if r.suffix is not None:
+            return self._run_infill(job)
         eos = r.overrides.get("eos_token_id", self.model.generation_config.eos_token_id)
         out = TextOutput(self.tokenizer, r.max_tokens, r.stop, eos)
         stream = stream_generate(
@@ -262,6 +267,28 @@ class Engine:
         self._delta(job, out.close())
         usage = _usage(len(r.prompt), len(out.ids))
         self.counts["completed"] += 1
+        job.emit(Event("done", finish_reason=out.finish_reason, usage=usage))
+
+    def _run_infill(self, job: Job) -> None:
+        """One whole middle (`fill` is not a stream: cancels act before it only)."""
+        from .core.infill import Hole, fill
+
+        r = job.request
+        res = fill(
+            self.model,
+            self.tokenizer,
+            [r.prefix, Hole(None), r.suffix],
+            max_hole_tokens=r.max_tokens,
+            seed=r.seed,
+            **r.overrides,
+        )
+        if self._stopped(job):
+            return
+        out = TextOutput(self.tokenizer, r.max_tokens, r.stop, [])
+        text = out.add(self.tokenizer.encode(res.holes[0]))
+        self._delta(job, text + out.close("stop"))  # ended before max_tokens: "stop"
+        self.counts["completed"] += 1
+        usage = _usage(res.stats.prompt_tokens, len(out.ids))
         job.emit(Event("done", finish_reason=out.finish_reason, usage=usage))
 
     @staticmethod

@@ -28,7 +28,6 @@ NEUTRAL: dict[str, list[Any]] = {
     "repetition_penalty": [1],
     "logit_bias": [{}],
     "top_p": [1],
-    "suffix": [""],
     "tools": [[]],
     "tool_choice": ["none"],
     "response_format": [{"type": "text"}],
@@ -92,6 +91,7 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str]
+    suffix: str | None = None  # infill: the text after the completion
 
 
 class ContentPart(BaseModel):

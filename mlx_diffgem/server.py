@@ -78,7 +78,8 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         e = self.engine
-        state = {"status": "ok", "model": self.name, "busy": e.busy}
+        state = {"status": "ok", "model": self.name, "backend": e.model.backend}
+        state["busy"] = e.busy
         return state | {"queued": e.queued, **e.counts}
 
     def model_card(self) -> dict[str, Any]:
@@ -111,6 +112,7 @@ class Service:
             raise ApiError(400, "stream_options: only with stream=true", "stream")
         max_tokens = self._max_tokens(body, chat)
         prompt = self._prompt(body, chat, max_tokens)
+        prefix, suffix = self._infill(body, chat)
         try:
             stop = body.stops()
             overrides = body.overrides()
@@ -125,7 +127,23 @@ class Service:
             draft=body.draft,
             timeout=self.limits.timeout,
             overrides=overrides,
+            prefix=prefix,
+            suffix=suffix,
         )
+
+    @staticmethod
+    def _infill(body: Any, chat: bool) -> tuple[str | None, str | None]:
+        """(prefix, suffix) of a completion with a `suffix`: an infill request."""
+        if chat or not body.suffix:
+            return None, None
+        prompt = body.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "suffix: needs a text prompt (not token ids)", "suffix")
+        if body.stream and body.draft:
+            raise ApiError(400, "draft: not available with suffix (infill)", "draft")
+        return prompt, body.suffix
 
     def _max_tokens(self, body: Any, chat: bool) -> int:
         n = body.max_tokens

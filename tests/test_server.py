@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -232,6 +233,22 @@ def test_draft_chunks_show_the_live_canvas(srv):
     assert text == plain.choices[0].text
 
 
+def test_suffix_fills_the_middle(srv, paths):
+    import mlx_diffgem as dg
+
+    prefix, suffix = "def f(x):\n    y = ", "\n    return y\n"
+    r = client(srv).completions.create(
+        model="tiny", prompt=prefix, suffix=suffix, max_tokens=12, seed=4
+    )
+    model, tok = dg.load(paths[1])
+    want = dg.infill(model, tok, prefix, suffix, max_tokens=12, seed=4)
+    assert r.choices[0].text == want
+    assert 0 < r.usage.completion_tokens <= 12
+    assert r.usage.prompt_tokens >= len(tok.encode(prefix + suffix))
+    ids = {"model": "tiny", "prompt": [5, 6], "suffix": "x", "max_tokens": 4}
+    assert post(srv + "/v1/completions", ids)[0] == 400
+
+
 # -- rejected requests -----------------------------------------------------------------
 
 
@@ -422,6 +439,30 @@ def test_vllm_client_script_runs_unchanged_against_diffgem_serve(paths):
         assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 0
     assert "\n\n" not in got["completion"]["text"]
     assert isinstance(got["streamed"], str)
+
+
+def test_readme_serving_block_runs():
+    """README's `sh` block of "## Serving" (tests/test_readme.py runs the `bash` and
+    `python` blocks; this one starts a server, so it runs here, then stops it)."""
+    readme = (ROOT / "README.md").read_text().split("## Serving", 1)[1]
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert "diffgem serve" in block and "/v1/completions" in block
+    port = str(_free_port())
+    script = block.replace("8080", port) + "\nkill $!\n"
+    out = subprocess.run(
+        ["bash", "-c", script],
+        cwd=ROOT,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    # stdout interleaves uvicorn's access log with curl's reply
+    found = re.search(r'\{"id".*?"usage":\{[^}]*\}\}', out.stdout)
+    assert found, out.stdout[-3000:]
+    reply = json.loads(found.group())
+    assert reply["object"] == "text_completion" and reply["choices"][0]["text"]
 
 
 def _up(url: str) -> bool:

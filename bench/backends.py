@@ -101,12 +101,16 @@ def record(args: argparse.Namespace) -> dict:
     from mlx_diffgem import _blas
 
     from . import record as rec_mod
+    from .record import spread
 
     models = _load(args)
-    blas = list(_blas.loaded)
+    rec = rec_mod.envelope("backends", rec_mod.cpu_name(), list(_blas.loaded))
     rounds = _rounds(models, args)
-    rec = rec_mod.envelope("backends", rec_mod.cpu_name(), blas)
     res = {b: _entry(rounds[b]) for b in BACKENDS}
+    # each torch run next to the MLX run of the same prompt and round: drift in the
+    # background load cancels in the ratio
+    runs = zip(rounds["mlx"], rounds["torch"], strict=True)
+    pairs = [t["tok_s"] / m["tok_s"] for m, t in runs]
     ratio = res["torch"]["tok_s"]["median"] / res["mlx"]["tok_s"]["median"]
     pass_ratio = (
         res["mlx"]["ms_per_pass"]["median"] / res["torch"]["ms_per_pass"]["median"]
@@ -126,6 +130,7 @@ def record(args: argparse.Namespace) -> dict:
         },
         results=res,
         ratio_torch_over_mlx_tok_s=round(ratio, 3),
+        paired_ratio_torch_over_mlx=spread(pairs, scale=1.0),
         ratio_mlx_over_torch_ms_per_pass=round(pass_ratio, 3),
         faster="torch" if ratio > 1 else "mlx",
     )

@@ -67,7 +67,8 @@ def load(
     """
     spec = _spec_policy(drafter, speculative)
     path = default_model_path() if path is None else path
-    module = get_backend(resolve_backend(backend, backend_options))
+    opts = dict(path=path, quantization=quantization)
+    module = get_backend(resolve_backend(backend, backend_options, **opts))
     model = module.load(path, dtype=dtype, quantization=quantization, **backend_options)
     if drafter is not None:
         from drafter import load_drafter

@@ -83,6 +83,26 @@ def test_auto_backend(monkeypatch, mlx, torch, apple, options, want):
     assert auto.resolve_backend("mlx", options) == "mlx"  # explicit wins
 
 
+@pytest.mark.parametrize(
+    "quantization, want",
+    [(None, False), ("int8", False), ({"bits": 8}, False), ("4bit", True)]
+    + [({"bits": 4, "group_size": 64}, True), ("mixed", True)],
+)
+def test_mlx_only_quantization(quantization, want):
+    assert auto.mlx_only(None, quantization) is want
+
+
+def test_auto_picks_mlx_for_an_mlx_conversion(monkeypatch, tmp_path):
+    monkeypatch.setattr(auto, "installed", lambda name: True)
+    monkeypatch.setattr(auto, "apple_silicon", lambda: False)
+    (tmp_path / "config.json").write_text('{"quantization": {"bits": 4}}')
+    assert auto.choose_backend(path=tmp_path) == "mlx"
+    (tmp_path / "config.json").write_text('{"model_type": "diffusion_gemma"}')
+    assert auto.choose_backend(path=tmp_path) == "torch"
+    assert auto.choose_backend(path="google/diffusiongemma-26B-A4B-it") == "torch"
+    assert auto.choose_backend(quantization="mixed") == "mlx"
+
+
 def test_auto_backend_without_any_backend_is_one_line(monkeypatch):
     monkeypatch.setattr(auto, "installed", lambda name: False)
     with pytest.raises(ImportError, match=r"neither mlx nor torch.*\[cpu\]"):

@@ -4,7 +4,8 @@
 - Otherwise torch when installed: CUDA where there is a GPU, and on a CPU-only Linux
   machine torch's CPU kernels generate ~3x faster than MLX's CPU backend on the
   embedded model (bench/results/backends-*.json, `python -m bench.backends`).
-- MLX when it is the only backend installed.
+- MLX when it is the only backend installed, or for work only MLX does: 4-bit and
+  mixed quantization, checkpoints converted (quantized) for MLX.
 
 Only checks what is installed (no import of mlx or torch), so the choice costs nothing.
 """
@@ -12,8 +13,11 @@ Only checks what is installed (no import of mlx or torch), so the choice costs n
 from __future__ import annotations
 
 import importlib.util
+import json
 import platform
 import sys
+from pathlib import Path
+from typing import Any
 
 # Options that only the torch backend takes: asking for one picks torch.
 TORCH_ONLY = ("device", "compile", "max_len")
@@ -30,12 +34,30 @@ def apple_silicon() -> bool:
     return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
-def choose_backend(options: dict | None = None) -> str:
-    """The backend `auto` stands for, given the backend options of `load`."""
+def mlx_only(path: Any = None, quantization: Any = None) -> bool:
+    """Quantization the torch backend lacks (it has int8 only), or a local checkpoint
+    that `diffgem convert` quantized for MLX."""
+    if quantization is not None:
+        bits = quantization.get("bits") if isinstance(quantization, dict) else None
+        if quantization != "int8" and bits != 8:
+            return True
+    config = Path(str(path)) / "config.json" if path is not None else None
+    if config is None or not config.is_file():
+        return False  # a repo id, or no checkpoint: the loader reports it
+    try:
+        return "quantization" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def choose_backend(
+    options: dict | None = None, *, path: Any = None, quantization: Any = None
+) -> str:
+    """The backend `auto` stands for, given the arguments of `load`."""
     has_mlx, has_torch = installed("mlx"), installed("torch")
     if has_torch and any(k in (options or {}) for k in TORCH_ONLY):
         return "torch"
-    if has_mlx and apple_silicon():
+    if has_mlx and (apple_silicon() or mlx_only(path, quantization)):
         return "mlx"
     if has_torch:
         return "torch"
@@ -48,6 +70,7 @@ def choose_backend(options: dict | None = None) -> str:
     )
 
 
-def resolve_backend(backend: str, options: dict | None = None) -> str:
-    """`backend`, with "auto" replaced by this machine's choice."""
-    return choose_backend(options) if backend == "auto" else backend
+def resolve_backend(backend: str, options: dict | None = None, **load_args) -> str:
+    """`backend`, with "auto" replaced by this machine's choice (`load_args`: path,
+    quantization)."""
+    return choose_backend(options, **load_args) if backend == "auto" else backend

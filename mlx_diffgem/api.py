@@ -156,14 +156,20 @@ def stream_generate(
     Args:
         prompt: text, chat messages ([{"role", "content"}]) or token ids.
         max_tokens: new tokens wanted (rounded up to whole canvases).
-        seed / noise: randomness (see generate_ids).
+        seed / noise: randomness (see generate_ids: any integer seed, reduced
+            modulo 2**64 the same way on both backends).
         draft: also yield a Response after every denoising step with the live canvas
             in `draft` (costs one host copy per step).
         chat: apply the chat template to a text prompt (default: only for messages).
         cache: a `model.new_cache(1)` kept across calls (multi-turn).
         **generation_overrides: GenerationConfig fields; autoregressive options raise.
     Yields:
-        Response objects; the last one has `finished=True` and the final stats.
+        Response objects, each canvas as soon as it is committed; the last one has
+        `finished=True` and the final stats.
+
+    Raises:
+        ValueError: naming the argument, at the call (before anything is encoded
+            into `cache`), e.g. for several rows of ids (use generate_ids).
     """
     _max_tokens(max_tokens, generation_overrides)
     vocab = model.config.vocab_size

@@ -195,12 +195,18 @@ def generate_ids(
         prompt_ids: [B, P] (or [P]) int token ids; rows may be left padded.
         attention_mask: [B, P], 1 for tokens and 0 for left padding.
         noise: a NoiseSource (e.g. ReplayNoise of draws recorded from transformers).
-        seed: seed of the default on-device noise (when `noise` is None).
+        seed: seed of the default on-device noise (when `noise` is None): None
+            (fresh entropy) or any Python/numpy integer, reduced modulo 2**64 (-1 is
+            2**64 - 1) the same way on both backends; bools and floats raise.
         cache: a cache from `model.new_cache(B)` to keep across calls (multi-turn); the
             last canvas committed by the previous call is encoded first.
         decoder_input_ids: [B, C] starting canvas of the first canvas (warm start).
-        **generation_overrides: GenerationConfig fields (max_new_tokens,
-            max_denoising_steps, t_min, ...). Autoregressive-only options raise.
+        **generation_overrides: GenerationConfig fields (max_new_tokens <= 2**20,
+            max_denoising_steps <= 10,000, t_min, ...; see GenerationConfig).
+            Autoregressive-only options raise.
+
+    Every argument is validated before the first side effect: a call that raises
+    leaves `cache` (offset, pending canvas, contents) exactly as it was.
 
     Returns:
         (sequences [B, P + k*C] int32, Stats)

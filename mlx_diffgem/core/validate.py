@@ -25,6 +25,12 @@ def _where(source: str | None) -> str:
     return f"{source}: " if source else ""
 
 
+def show(value: Any) -> str:
+    """repr for a one-line message, cut short (a 400-digit int stays readable)."""
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def is_int(value: Any) -> bool:
     """A Python or numpy integer, not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(
@@ -50,7 +56,7 @@ def integer(
     ok = is_int(value) and (lo is None or value >= lo) and (hi is None or value <= hi)
     if not ok:
         raise error(
-            f"{_where(source)}{name} must be {_int_want(lo, hi)}, got {value!r}"
+            f"{_where(source)}{name} must be {_int_want(lo, hi)}, got {show(value)}"
         )
     return int(value)
 
@@ -75,22 +81,34 @@ def number(
 ) -> float:
     """`value` as a finite Python float (finite in float32 too: the backends compute in
     float32), >= lo (> lo when `lo_open`) and <= hi."""
-    ok = is_number(value) and math.isfinite(value) and abs(value) <= _F32_MAX
+    f = _as_float(value)
+    ok = math.isfinite(f) and abs(f) <= _F32_MAX
     if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
+        ok = f > lo if lo_open else f >= lo
     if ok and hi is not None:
-        ok = value <= hi
+        ok = f <= hi
     if not ok:
         want = "a finite number"
         if lo is not None:
             want += f" {'>' if lo_open else '>='} {lo}"
         if hi is not None:
             want += f" and <= {hi}"
-        raise error(f"{_where(source)}{name} must be {want}, got {value!r}")
-    return float(value)
+        raise error(f"{_where(source)}{name} must be {want}, got {show(value)}")
+    return f
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _as_float(value: Any) -> float:
+    """A Python float of a number (NaN for non-numbers and ints too big for a float);
+    comparing a numpy float16 with a Python bound would overflow in numpy."""
+    if not is_number(value):
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:
+        return math.nan
 
 
 def token_id(
@@ -109,7 +127,7 @@ def token_id(
     ):
         want = f"[0, vocab_size={vocab_size})" if vocab_size is not None else ">= 0"
         raise error(
-            f"{_where(source)}{name} must be a token id in {want}, got {value!r}"
+            f"{_where(source)}{name} must be a token id in {want}, got {show(value)}"
         )
     return int(value)
 
@@ -141,7 +159,7 @@ def seed(value: Any) -> int | None:
     if value is None:
         return None
     if not is_int(value):
-        raise ValueError(f"seed: expected an integer or None, got {value!r}")
+        raise ValueError(f"seed: expected an integer or None, got {show(value)}")
     return int(value) % SEED_MODULUS
 
 

@@ -322,3 +322,26 @@ def test_a_stopped_rows_self_conditioning_stays_frozen(model):
     np.testing.assert_array_equal(got[0], dg.to_numpy(sc)[0])  # frozen
     assert not np.allclose(got[1], dg.to_numpy(sc)[1])  # the live row moved on
     assert res.passes.tolist() == [0, 3]
+
+
+def test_encode_masks(model):
+    cache = model.new_cache(2)
+    ids = np.array([[0, 0, 0], [2, 10, 11]], np.int32)
+    # A prefill chunk of a long left pad is all padding in one row: allowed here.
+    model.encode(ids, cache, np.array([[0, 0, 0], [1, 1, 1]]))
+    assert cache.offset == 3
+    with pytest.raises(ValueError, match="attention_mask: expected 0 .pad. / 1"):
+        model.encode(ids, cache, np.array([[0, 0, 2], [1, 1, 1]]))
+    assert cache.offset == 3
+
+
+def test_long_left_pad_prefills_in_chunks(model):
+    ids = np.full((2, 12), 0, np.int32)
+    ids[0, 9:] = [2, 10, 11]
+    ids[1] = np.arange(2, 14)
+    mask = (ids != 0).astype(np.int32)
+    mask[1] = 1
+    seqs, _ = generate_ids(
+        model, ids, attention_mask=mask, seed=0, prefill_chunk=4, **FAST
+    )
+    assert seqs.shape == (2, 12 + model.config.canvas_length)

@@ -229,5 +229,5 @@ def check_encode(
         raise ValueError(
             f"ids: batch {ids.shape[0]} does not match the cache's {batch_size}"
         )
-    mask = check_mask(attention_mask, ids)
+    mask = check_mask(attention_mask, ids, whole_prompt=False)  # prefill chunks
     return ids, None if mask is None else mask.astype(bool)

@@ -201,8 +201,11 @@ def check_ids(ids: Any, vocab_size: int, name: str = "input_ids") -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def check_mask(mask: Any, ids: np.ndarray) -> np.ndarray | None:
-    """An attention mask [B, P] of 0 (pad) / 1 (token) entries, every row non-empty."""
+def check_mask(
+    mask: Any, ids: np.ndarray, whole_prompt: bool = True
+) -> np.ndarray | None:
+    """An attention mask [B, P] of 0 (pad) / 1 (token) entries; with `whole_prompt`,
+    every row has a token (a chunk of a prefill may be all padding)."""
     if mask is None:
         return None
     arr = as_array(mask, "attention_mask")
@@ -216,7 +219,7 @@ def check_mask(mask: Any, ids: np.ndarray) -> np.ndarray | None:
     if arr.dtype == object or not np.isin(arr, (0, 1)).all():
         raise ValueError("attention_mask: expected 0 (pad) / 1 (token) entries")
     empty = np.flatnonzero(arr.sum(axis=1) == 0)
-    if empty.size:
+    if whole_prompt and empty.size:
         raise ValueError(
             f"attention_mask: row {int(empty[0])} masks every token; expected at "
             "least one 1 per row"

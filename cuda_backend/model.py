@@ -427,6 +427,8 @@ class Model(nn.Module):
             positions, masks = cache.decoder_masks(canvas.shape[1])
             h = self._decoder_input(canvas, self_conditioning, plan)
             h = self._layers(h, positions, masks, cache, False, plan)
+            if plan is not None and plan.adapter is not None:
+                h = plan.adapter(h)  # a trained drafter's own layers
             return self._head(self.norm(h), plan)
 
     def _head(self, h: torch.Tensor, plan=None) -> torch.Tensor:

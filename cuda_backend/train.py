@@ -277,11 +277,14 @@ def decoder_input(
     return rms_norm(e, None, model.config.rms_norm_eps)
 
 
-def decoder_pass(model, canvas, prefixes, P, sc=None) -> torch.Tensor:
+def decoder_pass(model, canvas, prefixes, P, sc=None, plan=None) -> torch.Tensor:
     """Every canvas of canvas [B, n*C] denoised in one pass -> logits [B, n*C, V].
 
     Canvases are folded into the batch ([B*n, C]); each sees the clean encoder K/V
     before it and itself (`_CanvasKeys`), as the decoder does at inference.
+    `plan` (a drafter.plan.SelfDraftPlan): run the drafter's layers, experts per
+    token and adapter instead (its soft-embedding and head cuts are not applied:
+    a drafter trains against the whole vocabulary).
     """
     cfg = model.config
     C = cfg.canvas_length
@@ -294,9 +297,15 @@ def decoder_pass(model, canvas, prefixes, P, sc=None) -> torch.Tensor:
     if sc is not None:
         sc = sc.reshape(-1, C, sc.shape[-1])
     h = decoder_input(model, canvas.reshape(B * n, C), sc)
-    for layer, layer_keys in zip(model.layers, keys, strict=True):
+    top_k = None if plan is None else plan.top_k
+    for i, (layer, layer_keys) in enumerate(zip(model.layers, keys, strict=True)):
+        if plan is not None and not plan.keeps(i):
+            h = h * layer.layer_scalar  # as Model._layers: the scalar still applies
+            continue
         s = layer.self_attn.sliding
-        h = layer(h, rot[s], layer_keys.mask, layer_keys, False)
+        h = layer(h, rot[s], layer_keys.mask, layer_keys, False, top_k)
+    if plan is not None and plan.adapter is not None:
+        h = plan.adapter(h)
     return _head(model, h).view(B, n * C, -1)
 
 

@@ -12,8 +12,8 @@ the drafter never proposes them; the target still sees the whole vocabulary.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from mlx_diffgem.core.config import ModelConfig
 
@@ -27,6 +27,9 @@ class SelfDraftPlan:
     top_k: int | None = None  # experts per token (None: the config's)
     sc_top_k: int | None = None  # soft-embedding support (None: whole vocabulary)
     head_vocab: int | None = None  # LM head rows (None: whole vocabulary)
+    # A trained drafter's own layers (drafter/adapter_*.py), run on the residual
+    # stream after the kept target layers and before the final norm and head.
+    adapter: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def auto(cls, config: ModelConfig) -> SelfDraftPlan:
@@ -52,7 +55,7 @@ class SelfDraftPlan:
             return cls.auto(config)
         if text == "full":
             return cls().checked(config)
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"adapter"}
         values: dict = {}
         for item in text.replace(";", " ").split():
             key, sep, val = item.partition("=")
@@ -90,7 +93,11 @@ class SelfDraftPlan:
         return self.layers is None or i in self.layers
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "adapter"
+        }
 
 
 def _one(key: str, ints: tuple[int, ...]) -> int:

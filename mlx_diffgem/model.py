@@ -316,6 +316,8 @@ class Model(nn.Module):
                 h = layer(h, store, cache.offset, mask, encoder=False, top_k=top_k)
             else:  # a skipped layer still scales the residual stream
                 h = h * layer.layer_scalar.astype(h.dtype)
+        if plan is not None and plan.adapter is not None:
+            h = plan.adapter(h)  # a trained drafter's own layers
         return self._head(self.norm(h), plan)
 
     def _head(self, h: mx.array, plan=None) -> mx.array:

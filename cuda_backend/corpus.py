@@ -19,8 +19,8 @@ twice, so the evaluation domain keeps its share next to the extra sources. The
 held-out split stays the stdlib's alone.
 
     python -m cuda_backend.corpus --out runs/corpus
-    python -m cuda_backend.corpus --out runs/corpus2 --tokenizer runs/corpus/tokenizer.json \
-        --extra numpy jinja2 --stdlib-weight 2
+    python -m cuda_backend.corpus --out runs/corpus2 \
+        --tokenizer runs/corpus/tokenizer.json --extra numpy jinja2 --stdlib-weight 2
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def extra_texts(names: Iterable[str], held_texts: list[str]) -> dict[str, list[s
     for name in names:
         root = package_root(name)
         texts = read_texts(root, source_files(root, (".py", ".pyi")))
-        out[name] = [t for t in texts if hashlib.sha256(t.encode()).digest() not in held]
+        out[name] = [
+            t for t in texts if hashlib.sha256(t.encode()).digest() not in held
+        ]
     return out
 
 

@@ -216,7 +216,8 @@ def build(
         "heldout_files": [f.as_posix() for f in held],
         "train_tokens": int(streams["train"].size),
         "heldout_tokens": int(streams["heldout"].size),
-        "train_bytes": sum(len(t.encode()) for t in train_texts),
+        "train_bytes": stdlib_weight * sum(len(t.encode()) for t in train_texts)
+        + sum(len(t.encode()) for t in more),
         "stdlib_weight": stdlib_weight,
         "extra": {
             name: {

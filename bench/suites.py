@@ -696,6 +696,15 @@ def _spec_cost(
     length) and on the released shape (context 512), and the projection."""
     from .cost import load_preset, project_speculative, self_draft_cost
 
+    if getattr(model.drafter, "kind", "") == "trained":
+        here = self_draft_cost(target.config, model.drafter.plan, context=context)
+        here.pop("floor_ratio")
+        note = (
+            "the trained drafter's own layers are not in the cost model (its kept "
+            "target layers and cuts are); no released-model projection: it is "
+            "trained for this model"
+        )
+        return {"cost": {"this_model": here, "note": note}, "projection": None}
     released = load_preset("diffusiongemma-26b-a4b")
     plan, how = _released_plan(name, released)
     here = self_draft_cost(target.config, model.drafter.plan, context=context)

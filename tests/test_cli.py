@@ -86,7 +86,8 @@ def test_auto_backend(monkeypatch, mlx, torch, apple, options, want):
 @pytest.mark.parametrize(
     "quantization, want",
     [(None, False), ("int8", False), ({"bits": 8}, False), ("4bit", True)]
-    + [({"bits": 4, "group_size": 64}, True), ("mixed", True)],
+    + [({"bits": 4, "group_size": 64}, True), ("mixed", True)]
+    + [({"bits": 8, "group_size": 32}, True)],  # MLX's grouped 8-bit
 )
 def test_mlx_only_quantization(quantization, want):
     assert auto.mlx_only(None, quantization) is want

@@ -37,9 +37,10 @@ def apple_silicon() -> bool:
 def mlx_only(path: Any = None, quantization: Any = None) -> bool:
     """Quantization the torch backend lacks (it has int8 only), or a local checkpoint
     that `diffgem convert` quantized for MLX."""
-    if quantization is not None:
-        bits = quantization.get("bits") if isinstance(quantization, dict) else None
-        if quantization != "int8" and bits != 8:
+    if quantization is not None and quantization != "int8":
+        # torch's int8 is per channel: {"bits": 8} only, no group size
+        q = quantization if isinstance(quantization, dict) else {}
+        if q.get("bits") != 8 or "group_size" in q:
             return True
     config = Path(str(path)) / "config.json" if path is not None else None
     if config is None or not config.is_file():

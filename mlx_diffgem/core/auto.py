@@ -2,7 +2,7 @@
 
 - Apple silicon: MLX (Metal GPU, unified memory).
 - Otherwise torch when installed: CUDA where there is a GPU, and on a CPU-only Linux
-  machine torch's CPU kernels generate ~3x faster than MLX's CPU backend on the
+  machine torch's CPU kernels generate 2.3x faster than MLX's CPU backend on the
   embedded model (bench/results/backends-*.json, `python -m bench.backends`).
 - MLX when it is the only backend installed, or for work only MLX does: 4-bit and
   mixed quantization, checkpoints converted (quantized) for MLX.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 from pathlib import Path
 
 from . import quality
@@ -87,11 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
     record = {
+        **rec.envelope("sampler-sweep", "cpu"),
         "schema": SCHEMA,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "machine": rec.machine("cpu"),
-        "versions": rec.versions(),
-        "git": rec.git(),
         "model": str(Path(a.model)),
         "backend": a.backend,
         "settings": {"prompts": a.prompts, "max_tokens": a.max_tokens, "grid": grid},

@@ -157,9 +157,8 @@ def generate_canvases(
     cache.pending = committed
 
 
-def _count(
-    stats: Stats, tokens: np.ndarray, res: CanvasResult, gen: GenerationConfig
-) -> None:
+def count_passes(stats: Stats, res: CanvasResult) -> None:
+    """Add one committed canvas's target and drafter passes to `stats`."""
     stats.canvases += 1
     stats.target_passes += res.steps
     stats.row_passes += int(res.passes.sum())
@@ -168,6 +167,13 @@ def _count(
         stats.drafter_passes += res.drafter_steps
         stats.drafter_steps_per_canvas.append(res.drafter_steps)
         stats.verify_rounds += res.verify_rounds
+
+
+def _count(
+    stats: Stats, tokens: np.ndarray, res: CanvasResult, gen: GenerationConfig
+) -> None:
+    count_passes(stats, res)
+    if res.drafter_steps:
         finished = res.state.finished
         live = len(res.tokens) if finished is None else int((~finished).sum())
         stats.drafted_tokens += live * res.tokens.shape[1]

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from .backend import CanvasResult, CanvasState, DenoisePolicy, Target
+from .backend import CanvasState, DenoisePolicy, Target
 from .config import GenerationConfig
-from .generate import generation_config, prefill
+from .generate import count_passes, generation_config, prefill
 from .noise import NoiseSource, make_noise
 from .stats import Stats
 
@@ -162,17 +162,6 @@ def _tail(gen: GenerationConfig, C: int) -> np.ndarray:
     return np.asarray([eos] + [pad] * (C - 1), np.int64)
 
 
-def _observe(stats: Stats, res: CanvasResult) -> None:
-    stats.canvases += 1
-    stats.target_passes += res.steps
-    stats.row_passes += int(res.passes.sum())
-    stats.steps_per_canvas.append(res.steps)
-    if res.drafter_steps:
-        stats.drafter_passes += res.drafter_steps
-        stats.drafter_steps_per_canvas.append(res.drafter_steps)
-        stats.verify_rounds += res.verify_rounds
-
-
 def _fill_windows(
     target: Target,
     layout: _Layout,
@@ -194,7 +183,7 @@ def _fill_windows(
         state = CanvasState(fixed=pinned[None].astype(np.int32))
         res = target.denoise(state, cache, policy, noise)
         stats.generated_tokens += layout.commit(s, res.tokens[0], ends)  # 4
-        _observe(stats, res)
+        count_passes(stats, res)
         stats.peak_memory = max(stats.peak_memory, target.peak_memory())
 
 

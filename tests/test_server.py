@@ -31,6 +31,16 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
 )
 LONG = {"max_tokens": 2048, "extra_body": {"ignore_eos": True}}  # ~13 s if not cut
+# Surely over the 4 s timeout, even on a quiet machine with the faster backend: every
+# canvas runs to a 48-pass cap (torch on a quiet 2-core CPU: ~20 s uncut; LONG: ~4 s).
+SLOW = {
+    "max_tokens": 4000,  # the tiny model's context is 4096
+    "extra_body": {
+        "ignore_eos": True,
+        "max_denoising_steps": 48,
+        "confidence_threshold": 1e-30,
+    },
+}
 
 
 # -- servers ---------------------------------------------------------------------------
@@ -384,7 +394,7 @@ def test_a_request_over_its_timeout_is_504(small):
     before = health(small)["timeouts"]
     t0 = time.monotonic()
     with pytest.raises(openai.InternalServerError, match="timeout") as e:
-        client(small).completions.create(model="plain", prompt="a", **LONG)
+        client(small).completions.create(model="plain", prompt="a", **SLOW)
     assert e.value.status_code == 504 and time.monotonic() - t0 < 15
     assert health(small)["timeouts"] == before + 1
     r = client(small).completions.create(model="plain", prompt="a", max_tokens=8)

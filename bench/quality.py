@@ -102,14 +102,19 @@ def clean_entropy(model, stream: np.ndarray, batches: int = 4, batch: int = 8) -
 
 
 def function_prompts(texts: list[str], n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(context ending in a one-line `def ...:` header, header indent) pairs."""
+    """(context ending in a one-line `def ...:` header, header indent) pairs.
+
+    The context stops at the header's colon, not after its newline: the tokenizer
+    merges a newline with the next line's indent into one token, so a prompt ending in
+    a bare newline asks for a token boundary that never occurs inside a function.
+    """
     found = []
     for text in texts:
         lines = text.split("\n")
         for i, line in enumerate(lines):
             m = HEADER.match(line)
             if m and i + 1 < len(lines) and lines[i + 1].strip():
-                context = "\n".join(lines[max(0, i - 30) : i + 1]) + "\n"
+                context = "\n".join(lines[max(0, i - 30) : i + 1])
                 found.append((context, m.group(1)))
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(found), size=min(n, len(found)), replace=False)
@@ -117,13 +122,15 @@ def function_prompts(texts: list[str], n: int, seed: int = 0) -> list[tuple[str,
 
 
 def function_source(header: str, completion: str, indent: str) -> str:
-    """The header plus the completion, cut where the function ends, dedented.
+    """The header line plus the completion that continues it, cut where the function
+    ends, dedented.
 
     A completion that never leaves the function was cut by the token budget, not by
     the model: its last, unfinished line is dropped.
     """
+    first, *rest = (header.rstrip("\n") + completion).split("\n")
     body, ended = [], False
-    for line in completion.split("\n"):
+    for line in rest:
         ind = len(line) - len(line.lstrip())
         if body and line.strip() and ind <= len(indent):
             ended = True
@@ -131,7 +138,7 @@ def function_source(header: str, completion: str, indent: str) -> str:
         body.append(line)
     if not ended and len(body) > 1:
         body[-1] = ""
-    return textwrap.dedent(header + "\n".join(body))
+    return textwrap.dedent("\n".join([first, *body]))
 
 
 def parses(source: str) -> bool:
@@ -160,7 +167,7 @@ def completions(
             model, [ids], seed=seed + i, max_new_tokens=max_tokens, **overrides
         )
         text = tokenizer.decode(seq[0, len(ids) :].tolist())
-        header = context.split("\n")[-2] + "\n"
+        header = context.split("\n")[-1]
         source = function_source(header, text, indent)
         ok += parses(source)
         steps += list(stats.steps_per_canvas)

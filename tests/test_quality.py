@@ -11,22 +11,37 @@ from bench import quality
 
 
 def test_function_source_cuts_at_the_end_of_the_function():
-    header = "    def f(self, x):\n"
-    completion = "        y = x + 1\n        return y\n    def g(self):\n        pass\n"
+    header = "    def f(self, x):"
+    completion = "\n        y = x + 1\n        return y\n    def g(self):\n        pass"
     source = quality.function_source(header, completion, "    ")
     assert source == "def f(self, x):\n    y = x + 1\n    return y"
     assert quality.parses(source)
-    assert not quality.parses(quality.function_source(header, "  return (\n", "    "))
+    assert not quality.parses(quality.function_source(header, "\n  return (\n", "    "))
+
+    # The completion continues the header line (a comment, or junk that breaks it).
+    body = "\n        pass\n"
+    assert quality.parses(quality.function_source(header, "  # ok" + body, "    "))
+    assert not quality.parses(quality.function_source(header, " x" + body, "    "))
+
+
+def test_function_prompts_end_at_the_header_colon():
+    """The tokenizer merges a newline with the next indent ('\\n   ' is one token), so
+    a prompt must stop before the newline, as the training text would continue."""
+    text = "import os\n\n\ndef f(a, b):\n    return a + b\n\n\ndef g():\n    pass\n"
+    prompts = quality.function_prompts([text], 10)
+    assert [p[0].split("\n")[-1] for p in prompts] == ["def f(a, b):", "def g():"]
+    assert all(p[1] == "" for p in prompts)
 
 
 def test_function_source_drops_the_line_the_token_budget_cut():
-    header = "    def f(self, x):\n"
+    header = "    def f(self, x):"
     # Never leaves the function: the last line is unfinished because tokens ran out.
-    source = quality.function_source(header, "        y = x\n        return (y", "    ")
+    cut = "\n        y = x\n        return (y"
+    source = quality.function_source(header, cut, "    ")
     assert source == "def f(self, x):\n    y = x\n"
     assert quality.parses(source)
     # A function that ends keeps every line of its body, broken or not.
-    ended = "        return (y\n    def g(self):\n"
+    ended = "\n        return (y\n    def g(self):\n"
     assert not quality.parses(quality.function_source(header, ended, "    "))
 
 

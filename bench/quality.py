@@ -121,14 +121,15 @@ def function_prompts(texts: list[str], n: int, seed: int = 0) -> list[tuple[str,
     return [found[i] for i in sorted(pick)]
 
 
-def function_source(header: str, completion: str, indent: str) -> str:
-    """The header line plus the completion that continues it, cut where the function
-    ends, dedented.
+def function_source(prompt: str, completion: str, indent: str) -> str:
+    """The prompt's last line (the header) plus the completion that continues it, cut
+    where the function ends, dedented.
 
     A completion that never leaves the function was cut by the token budget, not by
     the model: its last, unfinished line is dropped.
     """
-    first, *rest = (header.rstrip("\n") + completion).split("\n")
+    header = prompt.rstrip("\n").split("\n")[-1]
+    first, *rest = (header + completion).split("\n")
     body, ended = [], False
     for line in rest:
         ind = len(line) - len(line.lstrip())
@@ -167,15 +168,13 @@ def completions(
             model, [ids], seed=seed + i, max_new_tokens=max_tokens, **overrides
         )
         text = tokenizer.decode(seq[0, len(ids) :].tolist())
-        header = context.split("\n")[-1]
-        source = function_source(header, text, indent)
-        ok += parses(source)
+        parsed = parses(function_source(context, text, indent))
+        ok += parsed
         steps += list(stats.steps_per_canvas)
         generated += stats.generated_tokens
         passes += stats.row_passes
-        samples.append(
-            {"prompt_tail": header, "completion": text, "parses": parses(source)}
-        )
+        tail = context.split("\n")[-1]
+        samples.append({"prompt_tail": tail, "completion": text, "parses": parsed})
     return {
         "prompts": len(prompts),
         "parse_rate": ok / len(prompts),
@@ -217,6 +216,7 @@ def run(a: argparse.Namespace) -> dict:
     import mlx_diffgem as dg
     from cuda_backend import corpus
     from cuda_backend.backend import load as torch_load
+    from mlx_diffgem.core.config import SAMPLER_KEYS
 
     path = Path(a.model) if a.model else dg.default_model_path()
     stream = np.load(Path(a.data) / "heldout.npy").astype(np.int64)
@@ -231,17 +231,7 @@ def run(a: argparse.Namespace) -> dict:
         gen = model.generation_config
         return {
             "model": str(folder),
-            "sampler": {
-                k: getattr(gen, k)
-                for k in (
-                    "t_min",
-                    "t_max",
-                    "entropy_bound",
-                    "max_denoising_steps",
-                    "stability_threshold",
-                    "confidence_threshold",
-                )
-            },
+            "sampler": {k: getattr(gen, k) for k in SAMPLER_KEYS},
             "unigram_entropy": unigram_entropy(stream, model.config.vocab_size),
             "denoising_ce": denoising_ce(reference, stream, LEVELS),
             "clean_entropy": clean_entropy(reference, stream),

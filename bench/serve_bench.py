@@ -29,15 +29,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import record
+from . import backends, record
 
-PROMPTS = (
-    "def fibonacci(n):\n",
-    "import os\n\n\ndef read_lines(path):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "def parse_args(argv=None):\n    parser = ",
-    "with open(path) as f:\n",
-)
+PROMPTS = (*backends.PROMPTS, "with open(path) as f:\n")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

@@ -544,8 +544,7 @@ def _spec_runs(args, target, tokenizer, impls: dict, prompts: list) -> dict:
                 stats, canvases = _spec_generate(model, ids, seed, overrides)
                 new = np.concatenate([c[1] for c in canvases], axis=1)[0]
                 text = tokenizer.decode(new.tolist())
-                header = context.split("\n")[-1]
-                ok = parses(function_source(header, text, indent))
+                ok = parses(function_source(context, text, indent))
                 distinct = _distinct_bigrams(new, target.generation_config.pad_token_id)
                 runs[name].append(SpecRun(i, r, stats, canvases, text, ok, distinct))
     return {"runs": runs, "ids": encoded}

@@ -204,15 +204,9 @@ def _bench_on_path() -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    keys = (
-        "max_denoising_steps",
-        "t_min",
-        "t_max",
-        "entropy_bound",
-        "confidence_threshold",
-        "stability_threshold",
-    )
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    from .core.config import SAMPLER_KEYS
+
+    return {k: getattr(args, k) for k in SAMPLER_KEYS if getattr(args, k) is not None}
 
 
 def run_generate(args: argparse.Namespace) -> int:

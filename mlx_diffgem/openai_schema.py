@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .core.config import SAMPLER_KEYS
+
 # Accepted only at these values (they change nothing); None is always accepted.
 NEUTRAL: dict[str, list[Any]] = {
     "n": [1],
@@ -69,15 +71,9 @@ class _Request(BaseModel):
 
     def overrides(self) -> dict[str, Any]:
         """GenerationConfig overrides from the extension fields."""
-        keys = (
-            "max_denoising_steps",
-            "t_min",
-            "t_max",
-            "entropy_bound",
-            "confidence_threshold",
-            "stability_threshold",
-        )
-        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        out = {
+            k: getattr(self, k) for k in SAMPLER_KEYS if getattr(self, k) is not None
+        }
         if self.ignore_eos:
             out["eos_token_id"] = []
         return out

@@ -438,6 +438,18 @@ MAX_DENOISING_STEPS = 10_000
 MIN_TEMPERATURE_GAP = 1e-6
 
 
+# The denoising loop's settings (not lengths or token ids): what a CLI flag, an API
+# request or a benchmark record names when it talks about "the sampler".
+SAMPLER_KEYS = (
+    "t_min",
+    "t_max",
+    "entropy_bound",
+    "max_denoising_steps",
+    "stability_threshold",
+    "confidence_threshold",
+)
+
+
 @dataclass
 class GenerationConfig:
     """`DiffusionGemmaGenerationConfig` with `generate`'s global defaults applied.

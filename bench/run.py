@@ -118,6 +118,15 @@ def _parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
     p.add_argument(
         "--spec-draft-confidence", type=float, default=None, help="SpecPolicy"
     )
+    p.add_argument(
+        "--spec-draft-entropy-bound", type=float, default=None, help="SpecPolicy"
+    )
+    p.add_argument(
+        "--spec-verify-on",
+        choices=["argmax", "canvas"],
+        default=None,
+        help="SpecPolicy",
+    )
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (BLAS/torch)")
@@ -141,6 +150,7 @@ def _check_spec(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.suite not in SPEC_SUITES:
         spec_only = ("drafter", "model", "spec_draft_steps", "spec_refine_steps")
         spec_only += ("spec_max_rounds", "spec_draft_confidence")
+        spec_only += ("spec_draft_entropy_bound", "spec_verify_on")
         given = [k for k in spec_only if getattr(args, k) is not None]
         if given:
             p.error(f"--{given[0].replace('_', '-')}: only for the spec suites")

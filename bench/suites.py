@@ -472,6 +472,8 @@ def spec_policy(args: argparse.Namespace) -> Any:
         "refine_steps": args.spec_refine_steps,
         "max_rounds": args.spec_max_rounds,
         "draft_confidence": args.spec_draft_confidence,
+        "draft_entropy_bound": args.spec_draft_entropy_bound,
+        "verify_on": args.spec_verify_on,
     }
     return SpecPolicy(**{k: v for k, v in given.items() if v is not None})
 

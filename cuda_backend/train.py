@@ -24,7 +24,8 @@ sequence is a clean prefix of P tokens followed by n canvases of C tokens:
    load-balancing loss on the routers + cf_weight * certainty forcing: the entropy
    of softmax(logits / cf_temp) on the positions the model already predicts right
    (dParallel, arXiv 2509.26488), which is what lets the sampler's stop rule (mean
-   entropy < 0.005) fire. `noise_power` > 1 draws more low-noise canvases
+   entropy < 0.005) fire; `cf_max_t` < 1 applies it only to canvases noised at most
+   that much. `noise_power` > 1 draws more low-noise canvases
    (t = u ** power), where that stop decision is made.
 
     python -m cuda_backend.corpus --out runs/corpus       # optional: train builds it
@@ -322,18 +323,28 @@ class Objective:
     lb_weight: float = 0.01
     cf_weight: float = 0.0  # certainty forcing (entropy on correct predictions)
     cf_temp: float = 0.6  # the sampler's temperatures are 0.4..0.8
+    cf_max_t: float = 1.0  # certainty forcing only on canvases noised at most this much
     noise_power: float = 1.0  # t = u ** power: > 1 favours low noise
 
 
-def certainty(logits: torch.Tensor, target: torch.Tensor, temp: float) -> torch.Tensor:
-    """Mean entropy of softmax(logits / temp) over the correctly predicted positions.
+def certainty(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    temp: float,
+    where: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean entropy of softmax(logits / temp) over the correctly predicted positions
+    (and, if given, only where the boolean mask `where` [B, N] holds).
 
     Wrong positions are left to the cross-entropy: forcing certainty there would
     sharpen a mistake.
     """
     z = logits / temp
     h = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
-    right = (logits.argmax(-1) == target).float()
+    right = logits.argmax(-1) == target
+    if where is not None:
+        right = right & where
+    right = right.float()
     return (h * right).sum() / right.sum().clamp_min(1.0)
 
 
@@ -420,7 +431,7 @@ def diffusion_loss(
             _head(model, h[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
         )
     target = ids[:, P:]
-    noisy, _ = noise_canvases(target, C, V, gen, obj.noise_power)
+    noisy, t = noise_canvases(target, C, V, gen, obj.noise_power)
     half = B // 2
     sc = None
     if half:
@@ -436,7 +447,12 @@ def diffusion_loss(
     ce = ce.view(B, -1)
     diff = ce.mean()
     lb = balance.loss() if balance is not None else torch.zeros(())
-    cf = certainty(logits, target, obj.cf_temp) if obj.cf_weight else torch.zeros(())
+    cf = torch.zeros(())
+    if obj.cf_weight:
+        # At high noise the right predictions are mostly the easy tokens; sharpening
+        # them there costs calibration where the canvas is still unknown.
+        low = (t <= obj.cf_max_t).to(target.device).repeat_interleave(C, dim=1)
+        cf = certainty(logits, target, obj.cf_temp, low)
     return {
         "loss": diff + obj.ar_weight * ar + obj.lb_weight * lb + obj.cf_weight * cf,
         "diff": diff,
@@ -509,6 +525,7 @@ class TrainArgs:
     lb_weight: float = 0.01
     cf_weight: float = 0.0
     cf_temp: float = 0.6
+    cf_max_t: float = 1.0
     noise_power: float = 1.0
     doc_start_frac: float = 0.25
     eval_every: int = 50
@@ -726,6 +743,7 @@ def train(a: TrainArgs, blob: dict | None = None) -> RunState:
         lb_weight=a.lb_weight,
         cf_weight=a.cf_weight,
         cf_temp=a.cf_temp,
+        cf_max_t=a.cf_max_t,
         noise_power=a.noise_power,
     )
     balance, meter, C = RouterBalance(model), _Meter(), model.config.canvas_length

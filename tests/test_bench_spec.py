@@ -135,7 +135,8 @@ def test_spec_cost_record(tmp_path, backend):
         < point["drafters"]["self"]["predicted_flops_ratio"]
         < 1
     )
-    assert rec["released"]["flops_ratio"] < 1 and rec["released"]["plan"]["layers"]
+    assert rec["released"]["flops_ratio"] < 1
+    assert rec["released"]["plan"]["layers"] is None  # auto keeps every layer
     assert rec["summary"]["drafter_over_target_pass"]["12"]["self"] > 0
 
 

@@ -249,6 +249,16 @@ def test_stream_shows_drafter_and_target_drafts(tiny_path, backend):
     assert "drafter passes/canvas" in r.stats.summary()
 
 
+def test_drafter_policy_overrides():
+    base = DenoisePolicy(entropy_bound=0.1, confidence_threshold=0.005)
+    same = SpecPolicy().drafter_policy(base, 3)
+    assert same == dataclasses.replace(base, budget=3)
+    bold = SpecPolicy(draft_entropy_bound=1.0, draft_confidence=0.05)
+    got = bold.drafter_policy(base, 2)
+    assert (got.entropy_bound, got.confidence_threshold, got.budget) == (1.0, 0.05, 2)
+    assert got.t_min == base.t_min and got.max_steps == base.max_steps
+
+
 def test_plan_parsing(tiny_path):
     from mlx_diffgem.core.config import ModelConfig
     from mlx_diffgem.core.tiny import tiny_config_dict
@@ -258,7 +268,8 @@ def test_plan_parsing(tiny_path):
     assert plan == SelfDraftPlan((0, 1), 1, 16, 64)
     assert SelfDraftPlan.parse("full", cfg) == SelfDraftPlan()
     auto = SelfDraftPlan.parse("", cfg)
-    assert auto.layers is not None and len(auto.layers) < cfg.num_hidden_layers
+    assert auto.layers is None  # every layer: skipping one cost most of the quality
+    assert auto.top_k == max(1, cfg.top_k_experts // 2) and auto.sc_top_k == 32
     for bad, word in [
         ("layers=0,9", "layers"),
         ("top_k=0", "top_k"),
@@ -279,6 +290,8 @@ def test_bad_speculative_options(tiny_path):
         _load(tiny_path, backend, "self", steps=2)
     with pytest.raises(ValueError, match="draft_steps"):
         _load(tiny_path, backend, "self", draft_steps=0)
+    with pytest.raises(ValueError, match="draft_entropy_bound"):
+        _load(tiny_path, backend, "self", draft_entropy_bound=0.0)
     with pytest.raises(ValueError, match="unknown drafter"):
         _load(tiny_path, backend, "bogus")
     with pytest.raises(ValueError, match="no drafter is shipped"):

@@ -122,12 +122,23 @@ def test_low_noise_power_and_certainty_forcing(torch_mod, model):
     p = torch.softmax(logits[0, 0], -1)
     assert torch.isclose(h0, -(p * p.log()).sum())
     assert train.certainty(logits, right, 0.1) < h0  # sharper at a lower temperature
+    # A mask leaves out positions even when they are right; none left: zero.
+    right2 = torch.tensor([[0, 2, 1]])  # positions 0 and 2 right
+    where = torch.tensor([[False, True, True]])
+    p2 = torch.softmax(logits[0, 2], -1)
+    masked = train.certainty(logits, right2, 1.0, where)
+    assert torch.isclose(masked, -(p2 * p2.log()).sum())
+    assert train.certainty(logits, right2, 1.0, torch.zeros_like(where)) == 0
     ids = _ids(torch, 0, 2, P + N * C)
     gen = torch.Generator().manual_seed(0)
     obj = train.Objective(cf_weight=0.5)
     out = train.diffusion_loss(model, ids, P, obj, gen)
     want = out["diff"] + obj.lb_weight * out["lb"] + 0.5 * out["cf"]
     assert out["cf"] > 0 and torch.isclose(out["loss"], want)
+    # cf_max_t below every drawn level: no canvas qualifies, no certainty term
+    low = train.Objective(cf_weight=0.5, cf_max_t=-1.0)
+    gen = torch.Generator().manual_seed(0)
+    assert train.diffusion_loss(model, ids, P, low, gen)["cf"] == 0
 
 
 def test_training_reduces_the_loss(torch_mod):

@@ -47,6 +47,10 @@ class SpecPolicy:
     max_rounds: int = 8  # verifies before the target finishes natively
     # The drafter's stop threshold on its mean entropy (None: the target's).
     draft_confidence: float | None = None
+    # The drafter's entropy bound, how much uncertainty one of its passes may keep
+    # (None: the target's). Larger keeps more positions per pass: fewer drafter
+    # passes, more for the target to reject.
+    draft_entropy_bound: float | None = None
     # What a verify pass reads: "argmax", the drafter's argmax canvas (the draft
     # itself, clean), or "canvas", its renoised next input (what a native pass reads).
     verify_on: str = "argmax"
@@ -60,14 +64,23 @@ class SpecPolicy:
             raise ValueError(
                 f"verify_on: expected 'argmax' or 'canvas', got {self.verify_on!r}"
             )
-        c = self.draft_confidence
-        if c is not None and not (isinstance(c, float | int) and 0 < c < np.inf):
-            raise ValueError(f"draft_confidence: expected a float > 0, got {c!r}")
+        for name in ("draft_confidence", "draft_entropy_bound"):
+            c = getattr(self, name)
+            if c is not None and (
+                isinstance(c, bool)
+                or not isinstance(c, float | int)
+                or not 0 < c < np.inf
+            ):
+                raise ValueError(f"{name}: expected a float > 0, got {c!r}")
 
     def drafter_policy(self, policy: DenoisePolicy, budget: int) -> DenoisePolicy:
         conf = self.draft_confidence or policy.confidence_threshold
+        bound = self.draft_entropy_bound or policy.entropy_bound
         return dataclasses.replace(
-            policy, budget=budget, confidence_threshold=float(conf)
+            policy,
+            budget=budget,
+            confidence_threshold=float(conf),
+            entropy_bound=float(bound),
         )
 
 

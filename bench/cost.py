@@ -342,9 +342,9 @@ def decoder_cost(
     cost of one self-drafter pass instead. Only the kept layers run (their matmuls,
     attention and KV reads), each token reaches `top_k` experts, the soft embedding
     is a `sc_top_k`-row weighted sum (2 C k H FLOPs, the gathered rows read) instead
-    of softmax(s) @ E, and the LM head has `head_vocab` rows. The sampler still
-    writes [C, V] tensors (the drafter's logits are filled out to the vocabulary). A
-    plan with no cuts costs exactly a target step.
+    of softmax(s) @ E, and the LM head has `head_vocab` rows, the width of the
+    drafter's logits and so of its sampler's tensors. A plan with no cuts costs
+    exactly a target step.
     """
     q, B, C = get_quant(quant), batch, canvas or cfg.canvas_length
     H, V, T = cfg.hidden_size, cfg.vocab_size, batch * C
@@ -382,7 +382,7 @@ def decoder_cost(
         # the canvas rows are gathered
         "embedding_reread": soft_bytes + q.matrix_bytes(_embedding(cfg, min(T, V))),
         "kv_read": B * _kv_read(cfg, context, kv_shared, kept),
-        "sampler": sampler_passes * T * V * FP32,
+        "sampler": sampler_passes * T * head * FP32,
     }
     return PassCost("decoder", B, C, context, hit, flops, nbytes)
 

@@ -65,6 +65,13 @@ def draw_sample(noise: NoiseSource, z: torch.Tensor) -> torch.Tensor:
     return sample_tokens(z, _generator(noise, z.device))
 
 
+def pad_vocab(logits: torch.Tensor, vocab: int, fill: float) -> torch.Tensor:
+    """[..., n] logits filled out to [..., vocab] with `fill` (a drafter's
+    sub-vocabulary self-conditioning, handed to the target)."""
+    pad = logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), fill)
+    return torch.cat([logits, pad], dim=-1)
+
+
 def _start(
     model, state: CanvasState, noise: NoiseSource, shape: tuple[int, int], device
 ) -> torch.Tensor:
@@ -110,6 +117,7 @@ def denoise_steps(
 def _denoise_steps(model, state, cache, policy, noise, views):
     score = getattr(model, "score", sampling.score)  # compiled by compile_model
     B, C, dev = cache.batch_size, model.config.canvas_length, cache.device
+    V = model.config.vocab_size  # renoise draws: the whole vocabulary
     pins = _pins(state.fixed, dev)
     canvas = _pin(pins, _start(model, state, noise, (B, C), dev))
     sc, history = state.self_conditioning, state.history
@@ -141,7 +149,7 @@ def _denoise_steps(model, state, cache, policy, noise, views):
             h = h.masked_fill(pins[0], 0.0)
         keep = accept_mask(h, policy.entropy_bound)  # 3
         new_canvas = renoise(
-            keep, draft, draw_uniform(noise, "renoise", (B, C), z.shape[-1], dev)
+            keep, draft, draw_uniform(noise, "renoise", (B, C), V, dev)
         )
         new_h_mean = _mean_entropy(h, pins)
         new_arg, new_canvas = _pin(pins, new_arg), _pin(pins, new_canvas)

@@ -394,6 +394,17 @@ class Model(nn.Module):
     ) -> torch.Tensor:
         scale = self.embed_scale()
         e = self.embed_tokens(canvas) * scale
+        V = self.config.vocab_size
+        widths = (
+            {V} if plan is None or plan.head_vocab is None else {V, plan.head_vocab}
+        )
+        if sc is not None and (
+            sc.shape[:-1] != canvas.shape or sc.shape[-1] not in widths
+        ):
+            raise ValueError(
+                f"self_conditioning: expected logits of shape "
+                f"{(*canvas.shape, V)}, got {tuple(sc.shape)}"
+            )
         if sc is not None:
             # Expected embedding under the previous step's distribution (spec §3.6).
             e = e + self.self_conditioning(self._soft_embed(sc, plan) * scale)
@@ -403,9 +414,9 @@ class Model(nn.Module):
     def _soft_embed(self, sc: torch.Tensor, plan=None) -> torch.Tensor:
         """softmax(sc) @ E; a plan with sc_top_k takes it over each row's top k."""
         k = None if plan is None else plan.sc_top_k
-        if k is None:
+        if k is None:  # sc narrower than V: a drafter's sub-vocabulary
             p = torch.softmax(sc, dim=-1, dtype=torch.float32).to(self.dtype)
-            return p @ self.embed_tokens.weight
+            return p @ self.embed_tokens.weight[: sc.shape[-1]]
         vals, idx = torch.topk(sc.float(), k, dim=-1)
         p = torch.softmax(vals, dim=-1).to(self.dtype)
         rows = self.embed_tokens(idx)  # [B, C, k, H]
@@ -418,7 +429,9 @@ class Model(nn.Module):
         self_conditioning: torch.Tensor | None = None,
         plan=None,
     ) -> torch.Tensor:
-        """Bidirectional pass: canvas [B, C] long -> logits [B, C, V] float32.
+        """Bidirectional pass: canvas [B, C] long -> logits [B, C, V] float32
+        ([B, C, head_vocab] under a plan with a sub-vocabulary head, which also
+        takes self-conditioning of that width).
 
         plan: a `drafter.plan.SelfDraftPlan`: run this pass as a cheap self-drafter
         (fewer layers and experts, top-k soft embedding, sub-vocabulary head).
@@ -433,14 +446,9 @@ class Model(nn.Module):
 
     def _head(self, h: torch.Tensor, plan=None) -> torch.Tensor:
         """Softcapped fp32 logits over the vocabulary, or over a plan's first
-        `head_vocab` ids (the rest get the plan's fill logit)."""
+        `head_vocab` ids only (the drafter's sampler then works on that width)."""
         rows = None if plan is None else plan.head_vocab
         weight = self.embed_tokens.weight
         logits = F.linear(h, weight if rows is None else weight[:rows]).float()
         cap = self.config.final_logit_softcapping
-        logits = torch.tanh(logits / cap) * cap
-        if rows is None:
-            return logits
-        V = self.config.vocab_size
-        fill = logits.new_full((*logits.shape[:-1], V - rows), plan.fill)
-        return torch.cat([logits, fill], dim=-1)
+        return torch.tanh(logits / cap) * cap

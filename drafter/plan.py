@@ -5,8 +5,10 @@ layers (a skipped layer's output scalar is still applied, so the residual stream
 keeps its scale), fewer experts per token, a top-k self-conditioning soft embedding
 instead of the vocabulary-wide `softmax(s) @ E`, and an LM head over a
 sub-vocabulary (the lowest ids: BPE and SentencePiece vocabularies number tokens
-roughly by frequency). Tokens outside that sub-vocabulary get a logit of FILL, so
-the drafter never proposes them; the target still sees the whole vocabulary.
+roughly by frequency). The drafter's logits, and so its sampler's softmax, entropy
+and draws, cover that sub-vocabulary only: it never proposes another token. When
+the target takes over, the drafter's self-conditioning is filled out to the whole
+vocabulary with a logit of FILL (a probability of exactly 0).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from mlx_diffgem.core.config import ModelConfig
 
 @dataclass(frozen=True)
 class SelfDraftPlan:
-    # Logit of a token outside the drafter's head: exp() underflows to 0, and
-    # 0 * FILL stays finite in the entropy (where -inf would give NaN).
+    # Logit of a token outside the drafter's head, when its self-conditioning is
+    # handed to the target: exp() underflows to 0, and 0 * FILL stays finite in an
+    # entropy (where -inf would give NaN).
     fill: ClassVar[float] = -1.0e4
     layers: tuple[int, ...] | None = None  # decoder layers run (None: all)
     top_k: int | None = None  # experts per token (None: the config's)

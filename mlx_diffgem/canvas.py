@@ -66,6 +66,13 @@ def draw_sample(noise: NoiseSource, z: mx.array, parts: tuple) -> mx.array:
     return sample_tokens(z, _next_key(noise), parts)
 
 
+def pad_vocab(logits: mx.array, vocab: int, fill: float) -> mx.array:
+    """[..., n] logits filled out to [..., vocab] with `fill` (a drafter's
+    sub-vocabulary self-conditioning, handed to the target)."""
+    pad = mx.full((*logits.shape[:-1], vocab - logits.shape[-1]), fill, logits.dtype)
+    return mx.concatenate([logits, pad], axis=-1)
+
+
 def _start(
     model, state: CanvasState, noise: NoiseSource, shape: tuple[int, int]
 ) -> mx.array:
@@ -100,6 +107,7 @@ def denoise_steps(
     """`denoise` as a generator: yields the live argmax canvas after each step when
     `views` (one extra host copy per step) and returns the CanvasResult."""
     B, C = cache.batch_size, model.config.canvas_length
+    V = model.config.vocab_size  # renoise draws: the whole vocabulary
     pins = _pins(state.fixed)
     canvas = _pin(pins, _start(model, state, noise, (B, C)))
     sc, history = state.self_conditioning, state.history
@@ -125,9 +133,7 @@ def denoise_steps(
         if pins is not None:  # pinned positions: kept, with no entropy to count
             h = mx.where(pins[0], 0.0, h)
         keep = accept_mask(h, policy.entropy_bound)  # 3
-        new_canvas = renoise(
-            keep, draft, draw_uniform(noise, "renoise", (B, C), z.shape[-1])
-        )
+        new_canvas = renoise(keep, draft, draw_uniform(noise, "renoise", (B, C), V))
         new_h_mean = _mean_entropy(h, pins)
         new_arg, new_canvas = _pin(pins, new_arg), _pin(pins, new_canvas)
         if any_done:  # 4: rows that stopped keep their previous state

@@ -286,20 +286,27 @@ class Model(nn.Module):
         self_conditioning: mx.array | None = None,
         plan=None,
     ) -> mx.array:
-        """One denoiser pass over canvas [B, C]: fp32 softcapped logits [B, C, V].
+        """One denoiser pass over canvas [B, C]: fp32 softcapped logits [B, C, V]
+        ([B, C, head_vocab] under a plan with a sub-vocabulary head).
 
         Args:
             canvas: ids at positions cache.offset, ..., cache.offset + C - 1.
             cache: read only; the canvas attends to all of it (sliding layers: to the
                 W-1 slots they keep) and bidirectionally to itself.
-            self_conditioning: the previous step's processed logits [B, C, V] or None.
+            self_conditioning: the previous step's processed logits [B, C, V] or None
+                (under a plan with head_vocab, [B, C, head_vocab] also: a drafter's).
             plan: a `drafter.plan.SelfDraftPlan`: run this pass as a cheap self-drafter
                 (fewer layers and experts, top-k soft embedding, sub-vocabulary head).
         """
         canvas = mx.array(canvas)
         C = _check_ids(canvas, cache, "canvas")
         sc = self_conditioning
-        if sc is not None and sc.shape != (*canvas.shape, self.config.vocab_size):
+        widths = {self.config.vocab_size}
+        if plan is not None and plan.head_vocab is not None:
+            widths.add(plan.head_vocab)
+        if sc is not None and (
+            tuple(sc.shape[:-1]) != tuple(canvas.shape) or sc.shape[-1] not in widths
+        ):
             raise ValueError(
                 f"self_conditioning: expected logits of shape "
                 f"{(*canvas.shape, self.config.vocab_size)}, got {tuple(sc.shape)}"
@@ -322,7 +329,7 @@ class Model(nn.Module):
 
     def _head(self, h: mx.array, plan=None) -> mx.array:
         """Softcapped fp32 logits over the vocabulary, or over a plan's first
-        `head_vocab` ids (the rest get the plan's fill logit)."""
+        `head_vocab` ids only (the drafter's sampler then works on that width)."""
         cap = self.config.final_logit_softcapping
         rows = None if plan is None else plan.head_vocab
         if rows is None:
@@ -335,10 +342,7 @@ class Model(nn.Module):
             logits = mx.quantized_matmul(h, *w, **kw)
         else:
             logits = h @ emb.weight[:rows].T
-        logits = mx.tanh(logits.astype(mx.float32) / cap) * cap
-        V = self.config.vocab_size
-        fill = mx.full((*logits.shape[:-1], V - rows), plan.fill, mx.float32)
-        return mx.concatenate([logits, fill], axis=-1)
+        return mx.tanh(logits.astype(mx.float32) / cap) * cap
 
     def _soft_embed(self, logits: mx.array, plan=None) -> mx.array:
         """softmax(logits) @ E * embed_scale: the expected embedding (spec §3.6);
@@ -352,12 +356,16 @@ class Model(nn.Module):
             soft = (p.astype(self.dtype)[..., None, :] @ rows).squeeze(-2)
             return soft * self.embed_scale
         p = mx.softmax(logits.astype(mx.float32), axis=-1).astype(self.dtype)
-        emb = self.embed_tokens
+        emb, n = (
+            self.embed_tokens,
+            logits.shape[-1],
+        )  # n < V: a drafter's sub-vocabulary
         if isinstance(emb, nn.QuantizedEmbedding):
             kw = dict(transpose=False, group_size=emb.group_size, bits=emb.bits)
-            soft = mx.quantized_matmul(p, emb.weight, emb.scales, emb.biases, **kw)
+            w = (emb.weight[:n], emb.scales[:n], emb.biases[:n])
+            soft = mx.quantized_matmul(p, *w, **kw)
         else:
-            soft = p @ emb.weight
+            soft = p @ emb.weight[:n]
         return soft * self.embed_scale
 
     def _masks(self, cache: Cache, build) -> list:

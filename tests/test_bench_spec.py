@@ -204,6 +204,8 @@ def test_each_cut_shrinks_its_own_part():
     head = cost.decoder_cost(cfg, 512, plan=SelfDraftPlan(head_vocab=1024))
     assert head.flops["lm_head"] == 2.0 * T * 1024 * H
     assert head.bytes["weights"] < full.bytes["weights"]
+    # the drafter's sampler works at its head's width
+    assert head.bytes["sampler"] == full.bytes["sampler"] * 1024 / V
     soft = cost.decoder_cost(cfg, 512, plan=SelfDraftPlan(sc_top_k=32))
     assert soft.flops["soft_embedding"] == 2.0 * T * 32 * H
     assert full.flops["soft_embedding"] == 2.0 * T * V * H
@@ -213,6 +215,7 @@ def test_each_cut_shrinks_its_own_part():
     assert experts.experts_hit_per_layer < full.experts_hit_per_layer
     for d in (head, soft, experts):  # untouched parts stay as they were
         assert d.flops["attention"] == full.flops["attention"]
+    for d in (soft, experts):
         assert d.bytes["sampler"] == full.bytes["sampler"]
     auto = cost.self_draft_cost(cfg)
     assert auto["plan"] == SelfDraftPlan.auto(cfg).to_dict()

@@ -19,7 +19,7 @@ from drafter import load_drafter
 from drafter.plan import SelfDraftPlan
 from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy
 from mlx_diffgem.core.generate import generate_ids
-from mlx_diffgem.core.noise import SeededNoise
+from mlx_diffgem.core.noise import ReplayNoise, SeededNoise
 from mlx_diffgem.core.speculative import SpecPolicy, SpeculativeModel
 
 BACKENDS = [
@@ -219,12 +219,76 @@ def test_plan_without_cuts_is_the_target(tiny_path, backend):
         assert np.array_equal(run(plan=plan), full) == same
     want = run(sc)
     np.testing.assert_array_equal(run(sc, SelfDraftPlan()), want)
-    got = run(sc, SelfDraftPlan(layers=(0, 3), sc_top_k=4, head_vocab=32))
-    assert got.shape == full.shape and np.isfinite(got).all()
-    assert (got[..., 32:] == SelfDraftPlan.fill).all()
-    assert np.abs(got[..., :32]).max() <= 30.0  # softcapped
+    cut = SelfDraftPlan(layers=(0, 3), sc_top_k=4, head_vocab=32)
+    got = run(sc, cut)
+    assert got.shape == (*full.shape[:-1], 32) and np.isfinite(got).all()
+    assert np.abs(got).max() <= 30.0  # softcapped
+    # the drafter's own narrow self-conditioning: the same top-4 as the wide one
+    # when the wide one's other tokens are far below
+    wide = np.concatenate(
+        [got, np.full((1, 8, 96), SelfDraftPlan.fill, np.float32)], -1
+    )
+    a, b = run(_dev_sc(target, got), cut), run(_dev_sc(target, wide), cut)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="self_conditioning"):
+        run(_dev_sc(target, got[..., :31]), cut)
     # sc_top_k = vocab: the same expectation as the full soft embedding
     np.testing.assert_allclose(run(sc, SelfDraftPlan(sc_top_k=128)), want, atol=1e-4)
+
+
+def _dev_sc(target, logits):
+    if target.backend == "torch":
+        import torch
+
+        return torch.as_tensor(logits)
+    import mlx.core as mx
+
+    return mx.array(logits)
+
+
+def test_narrow_drafter_loop_matches_filled_logits(tiny_path, backend):
+    """The drafter's sampler at its head's width makes the same decisions as at the
+    vocabulary's width with the other logits filled (replayed draws)."""
+    import importlib
+
+    from drafter.self_draft import DraftView, SelfDrafter
+
+    target, _ = _load(tiny_path, backend)
+    mod = importlib.import_module(
+        {"mlx": "mlx_diffgem.canvas", "torch": "cuda_backend.canvas"}[backend]
+    )
+    plan = SelfDraftPlan(top_k=1, sc_top_k=16, head_vocab=64)
+    V, C = target.config.vocab_size, target.config.canvas_length
+
+    class Filled(DraftView):  # the previous layout: logits filled out to V
+        def decode(self, canvas, cache, sc=None):
+            z = self.model.decode(canvas, cache, sc, plan=self.plan)
+            return mod.pad_vocab(z, V, self.plan.fill)
+
+    rng = np.random.default_rng(3)
+    draws = [rng.integers(0, V, (1, C))]
+    for _ in range(6):
+        draws += [rng.integers(0, 64, (1, C)), rng.integers(0, V, (1, C))]
+    policy = DenoisePolicy(max_steps=6, confidence_threshold=1e-9)
+    out = []
+    for view in (None, Filled(target.model, plan)):
+        cache = target.new_cache(1)
+        target.encode(np.asarray([[2, 10, 11, 12, 13]], np.int32), cache)
+        d = SelfDrafter(target, plan)
+        noise = ReplayNoise(list(draws))
+        if view is None:
+            res = d.denoise(CanvasState(), cache, policy, noise)
+        else:
+            res = mod.denoise(view, CanvasState(), cache, policy, noise)
+        out.append(res)
+    narrow, filled = out
+    assert narrow.steps == filled.steps == 6
+    np.testing.assert_array_equal(narrow.tokens, filled.tokens)
+    sn = dg.to_numpy(narrow.state.self_conditioning)
+    sf = dg.to_numpy(filled.state.self_conditioning)
+    assert sn.shape == sf.shape == (1, C, V)  # widened for the target
+    np.testing.assert_allclose(sn[..., :64], sf[..., :64], atol=1e-5)
+    assert (sn[..., 64:] == SelfDraftPlan.fill).all()
 
 
 def _dev(target, canvas):

@@ -60,7 +60,8 @@ def load(
             "target" (the target at full cost, a baseline), "default" (the drafter
             shipped with the model, if any). None: native decoding.
         speculative: a SpecPolicy or its fields (draft_steps, refine_steps,
-            max_rounds, draft_confidence); only with a drafter.
+            max_rounds, draft_confidence, draft_entropy_bound, verify_on); only with
+            a drafter.
         dtype: "float32", "bfloat16" or "float16" (default: bf16 on GPU, fp32 on CPU).
         quantization: quantize on load, e.g. {"bits": 4, "group_size": 64} or "mixed".
         **backend_options: e.g. device="cuda" for the torch backend.

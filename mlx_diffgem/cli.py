@@ -95,6 +95,13 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         help="with --drafter: verify rounds before the model finishes the canvas "
         "natively (default 8)",
     )
+    p.add_argument(
+        "--draft-entropy-bound",
+        type=float,
+        default=None,
+        help="with --drafter: the drafter's entropy bound per pass (default: the "
+        "model's); larger means fewer drafter passes and more rejected drafts",
+    )
 
 
 def _sampler_options(p: argparse.ArgumentParser) -> None:
@@ -265,7 +272,7 @@ def _load_generate(args: argparse.Namespace):
         opts["compile"] = args.compile
     spec = {
         k: getattr(args, k)
-        for k in ("draft_steps", "max_rounds")
+        for k in ("draft_steps", "max_rounds", "draft_entropy_bound")
         if getattr(args, k) is not None
     }
     return api.load(

@@ -221,6 +221,17 @@ def test_cli_default_backend_is_auto():
     assert f"({label})" in out.stderr
 
 
+def test_cli_drafter_options():
+    args = ["generate", "--prompt", "def f(x):", "--max-tokens", "64"]
+    out = _cli(*args, "--drafter", "self", "--draft-entropy-bound", "0.3")
+    assert out.returncode == 0, out.stderr
+    assert "drafter" in out.stderr  # the stats block counts the drafter's passes
+    bad = _cli(*args, "--draft-entropy-bound", "0.3")
+    assert bad.returncode != 0 and "only applies" in bad.stderr
+    bad = _cli(*args, "--drafter", "self", "--draft-entropy-bound", "-1")
+    assert bad.returncode != 0 and "draft_entropy_bound" in bad.stderr
+
+
 BLAS_MISSING = """
 import sys
 from mlx_diffgem import _blas

@@ -215,6 +215,15 @@ def _pct(x: float | None) -> str:
     return DASH if x is None else f"{100 * x:.0f}%"
 
 
+def _ci(rec: dict) -> str:
+    """The paired 95% interval of the parse-rate difference, in points."""
+    p = rec.get("parse_paired")
+    if not p:
+        return ""
+    lo, hi = p["difference_95"]
+    return f" ({100 * lo:+.0f} to {100 * hi:+.0f})"
+
+
 def spec_table(records: list[dict]) -> str:
     """Native vs speculative decoding, one row per spec record (backend, drafter)."""
     rows = []
@@ -232,14 +241,15 @@ def spec_table(records: list[dict]) -> str:
             + [_pair(n["tokens_per_target_pass"], s["tokens_per_target_pass"])]
             + [_f(n["tokens_per_s"]), _f(s["tokens_per_s"])]
             + [f"{r['tokens_per_s_spec_over_native']:.3f} ({lo:.2f}-{hi:.2f})"]
-            + [f"{_pct(n['parse_rate'])} / {_pct(s['parse_rate'])}"]
+            + [f"{_pct(n['parse_rate'])} / {_pct(s['parse_rate'])}{_ci(rec)}"]
             + [_pair(n["committed_entropy"], s["committed_entropy"])]
             + [_pair(n.get("distinct_bigram_share"), s.get("distinct_bigram_share"))]
         )
     header = ["device", "backend", "model", "drafter", "target passes/canvas native"]
     header += ["spec", "drafter passes/canvas", "verifies/canvas", "draft kept"]
     header += ["tok/target pass native / spec", "tok/s native", "tok/s spec"]
-    header += ["spec/native tok/s (paired range)", "parse rate native / spec"]
+    header += ["spec/native tok/s (paired range)"]
+    header += ["parse rate native / spec (paired 95% interval of the difference)"]
     header += ["committed entropy native / spec", "distinct bigrams native / spec"]
     return _md(header, rows)
 

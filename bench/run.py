@@ -356,6 +356,14 @@ def _spec_summary(rec: dict) -> dict:
     }
 
 
+def _paired(rec: dict) -> str:
+    p = rec.get("parse_paired")
+    if not p:
+        return ""
+    lo, hi = p["difference_95"]
+    return f" (paired difference, 95%: {100 * lo:+.0f} to {100 * hi:+.0f} points)"
+
+
 def _spec_lines(rec: dict) -> str:
     nat, spec, r = rec["native"], rec["speculative"], rec["ratios"]
     tp = "target_passes_per_canvas"
@@ -367,7 +375,8 @@ def _spec_lines(rec: dict) -> str:
         f"{100 * spec['draft_kept_share']:.0f}% of the draft kept); tok/s "
         f"{nat['tokens_per_s']:.1f} -> {spec['tokens_per_s']:.1f} "
         f"(x{r['tokens_per_s_spec_over_native']:.3f}); parse rate "
-        f"{nat['parse_rate']:.0%} -> {spec['parse_rate']:.0%}; committed entropy "
+        f"{nat['parse_rate']:.0%} -> {spec['parse_rate']:.0%}{_paired(rec)}; "
+        "committed entropy "
         f"{nat['committed_entropy']:.3f} -> {spec['committed_entropy']:.3f} nats"
     )
 

@@ -763,6 +763,7 @@ def spec(args: argparse.Namespace) -> list[dict]:
             native=native,
             speculative=entry,
             ratios=_spec_ratios(native, entry),
+            parse_paired=parse_paired(runs["native"], runs[name]),
             entropy_source=ENTROPY_SOURCE,
             last_target_pass_entropy_source=LAST_PASS_ENTROPY,
             **_spec_cost(target, name, impls[name], native, entry, context),
@@ -770,6 +771,31 @@ def spec(args: argparse.Namespace) -> list[dict]:
         rec["machine"]["loadavg_after"] = list(os.getloadavg())
         records.append(rec)
     return records
+
+
+def parse_paired(native: list[SpecRun], spec: list[SpecRun]) -> dict:
+    """The parse outcomes of native and speculative runs paired by prompt and repeat
+    (same seed), and the difference of their parse rates with a 95% interval.
+
+    Pairing removes the prompts' own difficulty from the comparison, so the interval
+    (the paired normal approximation, McNemar's counts) is what says whether a gap
+    of a few points is real at this number of prompts."""
+    by_key = {(x.prompt, x.repeat): x.parses for x in native}
+    pairs = [(by_key[x.prompt, x.repeat], x.parses) for x in spec]
+    n = len(pairs)
+    lost = sum(a and not b for a, b in pairs)  # native parses, speculative does not
+    won = sum(b and not a for a, b in pairs)
+    diff = (won - lost) / n if n else 0.0
+    half = 1.96 * np.sqrt(max(0.0, (won + lost) / n - diff**2) / n) if n else 0.0
+    return {
+        "pairs": n,
+        "both": sum(a and b for a, b in pairs),
+        "native_only": lost,
+        "speculative_only": won,
+        "neither": sum(not (a or b) for a, b in pairs),
+        "difference": round(diff, 4),
+        "difference_95": [round(diff - half, 4), round(diff + half, 4)],
+    }
 
 
 def dataclass_dict(x: Any) -> dict:

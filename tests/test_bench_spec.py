@@ -84,6 +84,16 @@ def test_spec_writes_one_record_per_drafter(spec_records):
             / spec["target_passes_per_canvas"]["mean"],
             rel=1e-3,
         )
+        pp = rec["parse_paired"]
+        assert pp["pairs"] == 2
+        assert (
+            pp["both"] + pp["native_only"] + pp["speculative_only"] + pp["neither"] == 2
+        )
+        assert pp["difference"] == pytest.approx(
+            spec["parse_rate"] - nat["parse_rate"], abs=1e-3
+        )
+        lo, hi = pp["difference_95"]
+        assert lo <= pp["difference"] <= hi
         assert "extra target decode pass" in rec["entropy_source"]
         # the cost model on this model and on the released shape, and the projection
         assert 0 < rec["cost"]["this_model"]["flops_ratio"] <= 1
@@ -138,6 +148,23 @@ def test_spec_cost_record(tmp_path, backend):
     assert rec["released"]["flops_ratio"] < 1
     assert rec["released"]["plan"]["layers"] is None  # auto keeps every layer
     assert rec["summary"]["drafter_over_target_pass"]["12"]["self"] > 0
+
+
+def test_parse_paired_counts_and_interval():
+    from bench.suites import SpecRun, parse_paired
+
+    def runs(outcomes):
+        return [SpecRun(i, 0, None, [], "", ok, 1.0) for i, ok in enumerate(outcomes)]
+
+    nat = runs([True] * 20 + [False] * 20)
+    same = parse_paired(nat, runs([True] * 20 + [False] * 20))
+    assert same["difference"] == 0 and same["difference_95"] == [0.0, 0.0]
+    worse = parse_paired(nat, runs([True] * 16 + [False] * 24))
+    counts = (worse["both"], worse["native_only"], worse["speculative_only"])
+    assert counts == (16, 4, 0)
+    assert worse["difference"] == -0.1
+    lo, hi = worse["difference_95"]
+    assert lo < -0.1 < hi < 0  # 4 discordant pairs of 40: a real, if loose, loss
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ replace the block between the report markers of that file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -22,6 +23,9 @@ from pathlib import Path
 SCHEMA = "mlx-diffgem-bench/1"  # == bench.record.SCHEMA (kept import-free)
 START, END = "<!-- report:start -->", "<!-- report:end -->"
 DASH = "–"
+# The suites this report renders (bench.backends and bench.serve_bench records share
+# the schema but have their own summaries).
+REPORTED = ("step", "prefill", "generate", "peers", "spec", "spec-cost")
 
 
 # -- loading ---------------------------------------------------------------------------
@@ -39,6 +43,8 @@ def load_records(paths: Iterable[str | Path]) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue
         if not isinstance(rec, dict) or rec.get("schema") != SCHEMA:
+            continue
+        if rec.get("suite") not in REPORTED:  # e.g. backends, serve: their own tools
             continue
         rec["_file"] = f.name
         k = key(rec)
@@ -72,10 +78,35 @@ def key(rec: dict) -> tuple:
         rec["suite"],
         device_label(rec),
         backend_label(rec),
-        rec["model"]["preset"],
+        model_label(rec),
         precision(rec),
         rec["settings"]["batch"],
-        (rec.get("drafter") or {}).get("name") or "",
+        drafter_label(rec),
+    )
+
+
+def model_label(rec: dict) -> str:
+    """The preset, and for trained weights a short hash of them (the embedded
+    default model changes between releases; its records must not merge)."""
+    m = rec["model"]
+    h = m.get("weights_sha256") if m.get("weights", "").startswith("trained") else None
+    return m["preset"] + (f" ({h[:6]})" if h else "")
+
+
+def drafter_label(rec: dict) -> str:
+    """The drafter, with the speculative settings that differ from the defaults and
+    the number of prompts (spec records of different settings stay apart)."""
+    d = rec.get("drafter") or {}
+    if not d:
+        return ""
+    from mlx_diffgem.core.speculative import SpecPolicy
+
+    base = dataclasses.asdict(SpecPolicy())
+    policy = rec.get("spec_policy") or {}
+    changed = [f"{k}={v}" for k, v in policy.items() if k in base and v != base[k]]
+    prompts = rec["settings"].get("prompts")
+    return ", ".join(
+        [d.get("name", ""), *changed] + ([f"{prompts} prompts"] * bool(prompts))
     )
 
 
@@ -232,8 +263,8 @@ def spec_table(records: list[dict]) -> str:
         tp = "target_passes_per_canvas"
         lo, hi = r["paired_min_max"]
         rows.append(
-            [device_label(rec), backend_label(rec), rec["model"]["preset"]]
-            + [rec["drafter"]["name"]]
+            [device_label(rec), backend_label(rec), model_label(rec)]
+            + [drafter_label(rec)]
             + [_f(n[tp]["mean"], 2), _f(s[tp]["mean"], 2)]
             + [_f(s["drafter_passes_per_canvas"]["mean"], 2)]
             + [_f(s["verify_rounds_per_canvas"]["mean"], 2)]

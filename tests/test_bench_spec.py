@@ -309,7 +309,10 @@ def test_report_renders_the_speculative_section(spec_records, tmp_path):
     text = report.tables(records)
     assert "### Speculative decoding" in text and "### Projection" in text
     rows = report.spec_table(records).splitlines()[2:]
-    assert len(rows) == 2 and "| self |" in rows[0] and "| target |" in rows[1]
+    assert len(rows) == 2
+    # the drafter column names the settings that differ from SpecPolicy's defaults
+    assert "| self, draft_steps=2, 2 prompts |" in rows[0]
+    assert "| target, draft_steps=2, 2 prompts |" in rows[1]
     (cost_row,) = report.spec_cost_table(records).splitlines()[2:]
     assert "| tiny |" in cost_row and "| 12 | self |" in cost_row
     auto = SelfDraftPlan.auto(RELEASED)

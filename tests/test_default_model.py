@@ -26,6 +26,9 @@ def test_default_model_ships_in_hf_layout(path):
     ):
         assert (path / name).is_file(), name
     assert (path / "model.safetensors").stat().st_size < 25 * 2**20
+    # the asset limit is on the whole folder, the shipped drafter included
+    files = [f for f in path.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 25 * 2**20
 
 
 @needs_transformers
@@ -78,3 +81,26 @@ def test_load_without_arguments_generates_text():
     model, tok = dg.load()
     text = dg.generate(model, tok, PROMPT, max_tokens=64, seed=0)
     assert isinstance(text, str) and text
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="no mlx")),
+        pytest.param(
+            "torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="no torch")
+        ),
+    ],
+)
+def test_shipped_drafter_decodes_speculatively(backend):
+    """drafter="default" loads the drafter distilled for this model (drafter/), and
+    a speculative canvas costs the model fewer passes than the 48-pass cap."""
+    from drafter.trained import TrainedDrafter
+
+    model, tok = dg.load(backend=backend, drafter="default")
+    assert isinstance(model.drafter, TrainedDrafter)
+    ids = [tok.bos_token_id, *tok.encode("def add(a, b):")]
+    prompt = np.asarray([ids], np.int32)
+    out, stats = dg.generate_ids(model, prompt, max_new_tokens=64, seed=0)
+    assert out.shape == (1, len(ids) + 64)
+    assert stats.drafter_passes > 0 and 0 < stats.target_passes < 48

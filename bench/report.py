@@ -246,13 +246,19 @@ def _pct(x: float | None) -> str:
     return DASH if x is None else f"{100 * x:.0f}%"
 
 
-def _ci(rec: dict) -> str:
-    """The paired 95% interval of the parse-rate difference, in points."""
+def parse_interval(rec: dict) -> str:
+    """The paired 95% interval of a spec record's parse-rate difference, in points
+    ("-8 to +7"); "" for a record without one."""
     p = rec.get("parse_paired")
     if not p:
         return ""
     lo, hi = p["difference_95"]
-    return f" ({100 * lo:+.0f} to {100 * hi:+.0f})"
+    return f"{100 * lo:+.0f} to {100 * hi:+.0f}"
+
+
+def _ci(rec: dict) -> str:
+    ci = parse_interval(rec)
+    return f" ({ci})" if ci else ""
 
 
 def spec_table(records: list[dict]) -> str:

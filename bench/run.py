@@ -357,11 +357,10 @@ def _spec_summary(rec: dict) -> dict:
 
 
 def _paired(rec: dict) -> str:
-    p = rec.get("parse_paired")
-    if not p:
-        return ""
-    lo, hi = p["difference_95"]
-    return f" (paired difference, 95%: {100 * lo:+.0f} to {100 * hi:+.0f} points)"
+    from .report import parse_interval
+
+    ci = parse_interval(rec)
+    return f" (paired difference, 95%: {ci} points)" if ci else ""
 
 
 def _spec_lines(rec: dict) -> str:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlx_diffgem.core.config import ModelConfig
+from mlx_diffgem.core.validate import check_pass_sc
 
 from .cache import Cache, LayerCache, Masks
 
@@ -394,18 +395,8 @@ class Model(nn.Module):
     ) -> torch.Tensor:
         scale = self.embed_scale()
         e = self.embed_tokens(canvas) * scale
-        V = self.config.vocab_size
-        widths = (
-            {V} if plan is None or plan.head_vocab is None else {V, plan.head_vocab}
-        )
-        if sc is not None and (
-            sc.shape[:-1] != canvas.shape or sc.shape[-1] not in widths
-        ):
-            raise ValueError(
-                f"self_conditioning: expected logits of shape "
-                f"{(*canvas.shape, V)}, got {tuple(sc.shape)}"
-            )
         if sc is not None:
+            check_pass_sc(sc.shape, canvas.shape, self.config.vocab_size, plan)
             # Expected embedding under the previous step's distribution (spec §3.6).
             e = e + self.self_conditioning(self._soft_embed(sc, plan) * scale)
         # Without sc the block sees zeros and adds exactly zero; skip it.

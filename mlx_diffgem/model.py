@@ -17,6 +17,7 @@ import numpy as np
 from ._blas import import_mlx
 from .cache import Cache, make_cache
 from .core.config import ModelConfig
+from .core.validate import check_pass_sc
 
 mx = import_mlx()
 import mlx.nn as nn  # noqa: E402
@@ -301,16 +302,8 @@ class Model(nn.Module):
         canvas = mx.array(canvas)
         C = _check_ids(canvas, cache, "canvas")
         sc = self_conditioning
-        widths = {self.config.vocab_size}
-        if plan is not None and plan.head_vocab is not None:
-            widths.add(plan.head_vocab)
-        if sc is not None and (
-            tuple(sc.shape[:-1]) != tuple(canvas.shape) or sc.shape[-1] not in widths
-        ):
-            raise ValueError(
-                f"self_conditioning: expected logits of shape "
-                f"{(*canvas.shape, self.config.vocab_size)}, got {tuple(sc.shape)}"
-            )
+        if sc is not None:
+            check_pass_sc(sc.shape, canvas.shape, self.config.vocab_size, plan)
         top_k = None if plan is None else plan.top_k
         e = self.embed_tokens(canvas) * self.embed_scale
         soft = None if sc is None else self._soft_embed(sc, plan)
@@ -356,10 +349,8 @@ class Model(nn.Module):
             soft = (p.astype(self.dtype)[..., None, :] @ rows).squeeze(-2)
             return soft * self.embed_scale
         p = mx.softmax(logits.astype(mx.float32), axis=-1).astype(self.dtype)
-        emb, n = (
-            self.embed_tokens,
-            logits.shape[-1],
-        )  # n < V: a drafter's sub-vocabulary
+        emb = self.embed_tokens
+        n = logits.shape[-1]  # < V: a drafter's sub-vocabulary
         if isinstance(emb, nn.QuantizedEmbedding):
             kw = dict(transpose=False, group_size=emb.group_size, bits=emb.bits)
             w = (emb.weight[:n], emb.scales[:n], emb.biases[:n])

@@ -324,6 +324,21 @@ def check_decode(
     return B, C
 
 
+def check_pass_sc(sc_shape: Any, canvas_shape: Any, vocab: int, plan: Any) -> None:
+    """Self-conditioning of one model pass (a plan: a drafter's pass): logits
+    [B, C, V], or [B, C, plan.head_vocab] when the plan cuts the head (a drafter's
+    own logits, at its head's width)."""
+    widths = {vocab}
+    if plan is not None and plan.head_vocab is not None:
+        widths.add(plan.head_vocab)
+    sc_shape, canvas_shape = tuple(sc_shape), tuple(canvas_shape)
+    if sc_shape[:-1] != canvas_shape or sc_shape[-1] not in widths:
+        raise ValueError(
+            f"self_conditioning: expected logits of shape "
+            f"{(*canvas_shape, vocab)}, got {sc_shape}"
+        )
+
+
 def _shape(x: Any, name: str) -> tuple[int, ...]:
     # numpy, mlx and torch arrays all have .shape; lists go through numpy.
     return tuple(x.shape) if hasattr(x, "shape") else as_array(x, name).shape

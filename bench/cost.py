@@ -585,6 +585,16 @@ def self_draft_cost(
     }
 
 
+def pass_speedup(
+    native_passes: float, spec_passes: float, drafter_passes: float, drafter_cost: float
+) -> float:
+    """Native / speculative time per canvas if every pass cost its share of a
+    target pass (a drafter pass: `drafter_cost`, e.g. `self_draft_cost`'s
+    flops_ratio) and nothing else took time: what the measured pass counts allow
+    at that cost ratio, the ceiling a measured wall-clock ratio is read against."""
+    return native_passes / (spec_passes + drafter_cost * drafter_passes)
+
+
 def _pass_summary(cost: PassCost) -> dict:
     return {
         "flops": cost.total_flops,

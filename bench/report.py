@@ -106,8 +106,22 @@ def drafter_label(rec: dict) -> str:
     changed = [f"{k}={v}" for k, v in policy.items() if k in base and v != base[k]]
     prompts = rec["settings"].get("prompts")
     return ", ".join(
-        [d.get("name", ""), *changed] + ([f"{prompts} prompts"] * bool(prompts))
+        [_drafter_name(d), *changed] + ([f"{prompts} prompts"] * bool(prompts))
     )
+
+
+def _drafter_name(d: dict) -> str:
+    """The drafter argument; a plain "self" with the cuts it meant when the record
+    was made (SelfDraftPlan.auto changes between releases)."""
+    name = d.get("name", "")
+    if name != "self":
+        return name
+    cuts = [
+        f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+        for k in ("layers", "top_k", "sc_top_k", "head_vocab")
+        if (v := d.get(k)) is not None
+    ]
+    return f"self ({' '.join(cuts)})" if cuts else name
 
 
 # -- tables ----------------------------------------------------------------------------
@@ -278,6 +292,7 @@ def spec_table(records: list[dict]) -> str:
             + [_pair(n["tokens_per_target_pass"], s["tokens_per_target_pass"])]
             + [_f(n["tokens_per_s"]), _f(s["tokens_per_s"])]
             + [f"{r['tokens_per_s_spec_over_native']:.3f} ({lo:.2f}-{hi:.2f})"]
+            + [_flop_speedup(rec)]
             + [f"{_pct(n['parse_rate'])} / {_pct(s['parse_rate'])}{_ci(rec)}"]
             + [_pair(n["committed_entropy"], s["committed_entropy"])]
             + [_pair(n.get("distinct_bigram_share"), s.get("distinct_bigram_share"))]
@@ -286,9 +301,30 @@ def spec_table(records: list[dict]) -> str:
     header += ["spec", "drafter passes/canvas", "verifies/canvas", "draft kept"]
     header += ["tok/target pass native / spec", "tok/s native", "tok/s spec"]
     header += ["spec/native tok/s (paired range)"]
+    header += ["if passes cost their FLOPs (drafter / target FLOPs)"]
     header += ["parse rate native / spec (paired 95% interval of the difference)"]
     header += ["committed entropy native / spec", "distinct bigrams native / spec"]
     return _md(header, rows)
+
+
+def _flop_speedup(rec: dict) -> str:
+    """The speedup the record's pass counts allow if a drafter pass cost its FLOP
+    ratio of a target pass (bench.cost.pass_speedup); a trained drafter's own layers
+    are not in the cost model, so none for it."""
+    from .cost import pass_speedup
+
+    here = (rec.get("cost") or {}).get("this_model")
+    if not here or "note" in rec["cost"]:
+        return DASH
+    n, s = rec["native"], rec["speculative"]
+    tp = "target_passes_per_canvas"
+    x = pass_speedup(
+        n[tp]["mean"],
+        s[tp]["mean"],
+        s["drafter_passes_per_canvas"]["mean"],
+        here["flops_ratio"],
+    )
+    return f"{x:.2f} ({here['flops_ratio']:.2f})"
 
 
 def spec_cost_table(records: list[dict]) -> str:

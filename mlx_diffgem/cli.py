@@ -86,7 +86,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         "--draft-steps",
         type=int,
         default=None,
-        help="with --drafter: drafter passes before the first verify (default 16)",
+        help="with --drafter: drafter passes before the first verify, at most "
+        "(default 24; fewer are faster and cost quality)",
     )
     p.add_argument(
         "--max-rounds",

@@ -110,6 +110,14 @@ def test_spec_writes_one_record_per_drafter(spec_records):
         assert proj["devices"]["M4 Max"]["published"] == []
     target = json.loads(paths["target"].read_text())
     assert target["cost"]["this_model"]["flops_ratio"] == pytest.approx(1.0)
+    # with the target as its own drafter, the FLOP-bound speedup is total passes
+    n_tp = target["native"]["target_passes_per_canvas"]["mean"]
+    s = target["speculative"]
+    s_tp = s["target_passes_per_canvas"]["mean"]
+    d_tp = s["drafter_passes_per_canvas"]["mean"]
+    assert target["cost"]["this_model"]["speedup_at_flops_ratio"] == pytest.approx(
+        n_tp / (s_tp + d_tp)
+    )
     assert target["cost"]["released"]["flops_ratio"] == pytest.approx(1.0)
     self_rec = json.loads(paths["self"].read_text())
     assert self_rec["cost"]["released"]["flops_ratio"] < 1
@@ -311,8 +319,18 @@ def test_report_renders_the_speculative_section(spec_records, tmp_path):
     rows = report.spec_table(records).splitlines()[2:]
     assert len(rows) == 2
     # the drafter column names the settings that differ from SpecPolicy's defaults
-    assert "| self, draft_steps=2, 2 prompts |" in rows[0]
+    # a plain "self" also names the cuts it meant (the auto plan changes over time)
+    d = json.loads(paths["self"].read_text())["drafter"]
+    cuts = " ".join(
+        f"{k}={d[k]}" for k in ("top_k", "sc_top_k", "head_vocab") if d[k] is not None
+    )
+    assert f"| self ({cuts}), draft_steps=2, 2 prompts |" in rows[0]
     assert "| target, draft_steps=2, 2 prompts |" in rows[1]
+    # the FLOP-bound speedup column: the record's own figure, with the ratio used
+    for row, name in zip(rows, ("self", "target"), strict=True):
+        here = json.loads(paths[name].read_text())["cost"]["this_model"]
+        cell = f"| {here['speedup_at_flops_ratio']:.2f} ({here['flops_ratio']:.2f}) |"
+        assert cell in row
     (cost_row,) = report.spec_cost_table(records).splitlines()[2:]
     assert "| tiny |" in cost_row and "| 12 | self |" in cost_row
     auto = SelfDraftPlan.auto(RELEASED)

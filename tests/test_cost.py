@@ -302,3 +302,13 @@ def test_measure_this_machine():
     rep = json.loads(r.stdout)
     assert rep["measured"]["bandwidth_gbs"]["value"] > 0
     assert list(rep["devices"]) == ["this-machine"]
+
+
+def test_pass_speedup_charges_drafter_passes_at_their_cost():
+    from bench.cost import pass_speedup
+
+    assert pass_speedup(23.0, 2.0, 16.0, 0.5) == pytest.approx(23.0 / 10.0)
+    # a free drafter: only the target's own passes count
+    assert pass_speedup(24.0, 2.0, 16.0, 0.0) == pytest.approx(12.0)
+    # the target drafting for itself gains only the passes it saves in total
+    assert pass_speedup(20.0, 2.0, 18.0, 1.0) == pytest.approx(1.0)

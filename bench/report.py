@@ -316,15 +316,21 @@ def _flop_speedup(rec: dict) -> str:
     here = (rec.get("cost") or {}).get("this_model")
     if not here or "note" in rec["cost"]:
         return DASH
-    n, s = rec["native"], rec["speculative"]
-    tp = "target_passes_per_canvas"
     x = pass_speedup(
-        n[tp]["mean"],
-        s[tp]["mean"],
-        s["drafter_passes_per_canvas"]["mean"],
-        here["flops_ratio"],
+        *spec_passes(rec["native"], rec["speculative"]), here["flops_ratio"]
     )
     return f"{x:.2f} ({here['flops_ratio']:.2f})"
+
+
+def spec_passes(native: dict, spec: dict) -> tuple[float, float, float]:
+    """Mean passes per canvas of a spec record's entries: native target passes,
+    speculative target passes, speculative drafter passes."""
+    tp = "target_passes_per_canvas"
+    return (
+        native[tp]["mean"],
+        spec[tp]["mean"],
+        spec["drafter_passes_per_canvas"]["mean"],
+    )
 
 
 def spec_cost_table(records: list[dict]) -> str:

@@ -695,12 +695,8 @@ def _spec_cost(
 ) -> dict:
     """The cost model's drafter/target pass ratio on this model (at the mean prompt
     length) and on the released shape (context 512), and the projection."""
-    from .cost import (
-        load_preset,
-        pass_speedup,
-        project_speculative,
-        self_draft_cost,
-    )
+    from .cost import load_preset, pass_speedup, project_speculative, self_draft_cost
+    from .report import spec_passes
 
     if getattr(model.drafter, "kind", "") == "trained":
         here = self_draft_cost(target.config, model.drafter.plan, context=context)
@@ -713,20 +709,11 @@ def _spec_cost(
         return {"cost": {"this_model": here, "note": note}, "projection": None}
     released = load_preset("diffusiongemma-26b-a4b")
     plan, how = _released_plan(name, released)
+    passes = spec_passes(native, spec)
     here = self_draft_cost(target.config, model.drafter.plan, context=context)
-    here["speedup_at_flops_ratio"] = pass_speedup(
-        native["target_passes_per_canvas"]["mean"],
-        spec["target_passes_per_canvas"]["mean"],
-        spec["drafter_passes_per_canvas"]["mean"],
-        here["flops_ratio"],
-    )
+    here["speedup_at_flops_ratio"] = pass_speedup(*passes, here["flops_ratio"])
     there = self_draft_cost(released, plan, context=512)
-    proj = project_speculative(
-        native["target_passes_per_canvas"]["mean"],
-        spec["target_passes_per_canvas"]["mean"],
-        spec["drafter_passes_per_canvas"]["mean"],
-        plan=plan,
-    )
+    proj = project_speculative(*passes, plan=plan)
     proj["drafter_plan_source"] = how
     for d in (here, there):
         d.pop("floor_ratio")

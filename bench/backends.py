@@ -98,7 +98,7 @@ def _entry(runs: list[dict]) -> dict:
 
 
 def record(args: argparse.Namespace) -> dict:
-    from mlx_diffgem import _blas
+    from mlx_diffgem.mlx_backend import _blas
 
     from . import record as rec_mod
     from .record import spread

@@ -194,7 +194,7 @@ class MlxVlm:
     name = "mlx_vlm"
 
     def __init__(self, path: Path, dtype: str, prefill_chunk: int):
-        from mlx_diffgem._blas import import_mlx
+        from mlx_diffgem.mlx_backend._blas import import_mlx
 
         mx = import_mlx()  # the fast BLAS must load before mlx_vlm imports mlx
         from mlx_vlm.generate import diffusion

@@ -266,7 +266,7 @@ def _record(suites, args: argparse.Namespace) -> dict:
 
 
 def _blas() -> list[str]:
-    from mlx_diffgem import _blas
+    from mlx_diffgem.mlx_backend import _blas
 
     return list(_blas.loaded)
 

@@ -6,7 +6,7 @@
 For each context length N (N random prompt ids, prefilled) on a seeded random
 checkpoint loaded by our MLX backend, in float32:
 
-1. Host syncs per step of `mlx_diffgem.canvas.denoise` (`SyncCounter`). While active
+1. Host syncs per step of the MLX `canvas.denoise` (`SyncCounter`). While active
    it wraps mlx.core.eval / async_eval / synchronize, the mx.array methods that read
    values on the host (item, tolist, __bool__, __int__, __float__, __index__) and
    numpy.array / numpy.asarray of an mx.array (numpy reads mlx arrays through the
@@ -56,16 +56,18 @@ from pathlib import Path
 import numpy as np
 
 from bench.run import int_list
-from mlx_diffgem import _blas
-from mlx_diffgem.backend import MLXTarget, load
 from mlx_diffgem.core.backend import CanvasState, DenoisePolicy
 from mlx_diffgem.core.generate import prefill
 from mlx_diffgem.core.noise import SeededNoise
 from mlx_diffgem.core.tiny import build_tiny_checkpoint
+from mlx_diffgem.mlx_backend import _blas
+from mlx_diffgem.mlx_backend.backend import MLXTarget, load
 
 from .cost import decoder_cost
 
-mx = _blas.import_mlx()  # after OpenBLAS is preloaded (mlx_diffgem/_blas.py)
+mx = (
+    _blas.import_mlx()
+)  # after OpenBLAS is preloaded (mlx_diffgem/mlx_backend/_blas.py)
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 SMALL = dict(

@@ -70,7 +70,7 @@ def _dtype_name(dtype: Any) -> str:
 def _where(target: Any) -> tuple[str, str]:
     """(accelerator name, device kind) of a loaded target."""
     if target.backend == "mlx":
-        from mlx_diffgem._blas import import_mlx
+        from mlx_diffgem.mlx_backend._blas import import_mlx
 
         mx = import_mlx()
         # On a Mac the CPU name is the chip's ("Apple M4 Max"), which runs the GPU.
@@ -171,7 +171,7 @@ def _prompt(cfg: ModelConfig, batch: int, length: int, seed: int) -> np.ndarray:
 def _force(target: Any, x: Any) -> None:
     """Wait until `x` is computed (MLX is lazy; CUDA is asynchronous)."""
     if target.backend == "mlx":
-        from mlx_diffgem._blas import import_mlx
+        from mlx_diffgem.mlx_backend._blas import import_mlx
 
         import_mlx().eval(x)
     target.sync()
@@ -803,7 +803,7 @@ def dataclass_dict(x: Any) -> dict:
 
 
 def _blas_list() -> list[str]:
-    from mlx_diffgem import _blas
+    from mlx_diffgem.mlx_backend import _blas
 
     return list(_blas.loaded)
 
@@ -904,7 +904,7 @@ def spec_cost_points(s: Setup, args: argparse.Namespace) -> list[dict]:
 
 def _as_backend(target: Any, ids: np.ndarray) -> Any:
     if target.backend == "mlx":
-        from mlx_diffgem._blas import import_mlx
+        from mlx_diffgem.mlx_backend._blas import import_mlx
 
         return import_mlx().array(ids)
     import torch

@@ -1,6 +1,7 @@
 """The PyTorch backend: loads a checkpoint, implements the Backend protocol (DESIGN §3).
 
-bf16 on CUDA, float32 on CPU by default. The MLX twin is `mlx_diffgem/backend.py`.
+bf16 on CUDA, float32 on CPU by default. The MLX twin is
+`mlx_diffgem/mlx_backend/backend.py`.
 """
 
 from __future__ import annotations

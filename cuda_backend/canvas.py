@@ -6,7 +6,7 @@ Per step n = N..1 (n counts down):
 3. accept the low-entropy proposals, renoise every other position;
 4. freeze rows that already stopped; stable-and-confident test;
 5. copy `done` to the host (the only sync of a step), then stop if all rows are done.
-The MLX twin is `mlx_diffgem/canvas.py`.
+The MLX twin is `mlx_diffgem/mlx_backend/canvas.py`.
 """
 
 from __future__ import annotations

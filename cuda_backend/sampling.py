@@ -2,7 +2,7 @@
 
 Each function is one piece of the reference's trio (accept / renoise / stop) plus the
 entropy they share; `canvas.py` runs them in the reference's order. The MLX twin is
-`mlx_diffgem/sampling.py`.
+`mlx_diffgem/mlx_backend/sampling.py`.
 """
 
 from __future__ import annotations

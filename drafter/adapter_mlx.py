@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_diffgem.model import MLP, RMSNorm
+from mlx_diffgem.mlx_backend.model import MLP, RMSNorm
 
 
 def _rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:

@@ -19,7 +19,7 @@ from mlx_diffgem.core.noise import NoiseSource
 
 from .plan import SelfDraftPlan
 
-_CANVAS = {"mlx": "mlx_diffgem.canvas", "torch": "cuda_backend.canvas"}
+_CANVAS = {"mlx": "mlx_diffgem.mlx_backend.canvas", "torch": "cuda_backend.canvas"}
 
 
 class DraftView:

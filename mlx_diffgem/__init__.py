@@ -7,7 +7,10 @@ torch; the backend named in `load` is imported on first use.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
+
+from ._moved import MovedFinder
 
 __version__ = "0.1.0"
 
@@ -35,6 +38,10 @@ _API = {
 }
 
 __all__ = sorted(_API)
+
+# Old module paths (release 0.1.0) import for one more release, with a warning.
+if not any(isinstance(f, MovedFinder) for f in sys.meta_path):
+    sys.meta_path.append(MovedFinder())
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
-from mlx_diffgem._blas import load_fast_blas  # noqa: E402
+from mlx_diffgem.mlx_backend._blas import load_fast_blas  # noqa: E402
 
 load_fast_blas()
 

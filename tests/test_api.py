@@ -181,3 +181,16 @@ def test_load_reports_bad_checkpoints(tmp_path):
     (bad / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         dg.load(bad)
+
+
+def test_moved_module_paths_import_with_a_warning():
+    """Release 0.1.0's module paths (CHANGELOG.md) still import, as the new module."""
+    import importlib
+
+    from mlx_diffgem._moved import MOVED
+
+    for old in ("mlx_diffgem.terminal", "mlx_diffgem.openai_schema"):
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=MOVED[old].replace(".", r"\.")):
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(MOVED[old])

@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mlx_diffgem import __version__, cli, terminal
+from mlx_diffgem import __version__, cli
+from mlx_diffgem.cli import bench, generate, terminal
 from mlx_diffgem.core import auto
 from mlx_diffgem.core.stats import Stats
 
@@ -50,7 +51,7 @@ def test_version_and_description(capsys):
 
 def test_every_generate_option_has_help():
     sub = argparse.ArgumentParser().add_subparsers()
-    cli._generate_parser(sub)
+    generate.add_parser(sub)
     actions = sub.choices["generate"]._actions
     missing = [a.option_strings for a in actions if not a.help]
     assert not missing
@@ -59,7 +60,7 @@ def test_every_generate_option_has_help():
 
 
 def test_bench_help_names_the_diffgem_command(capsys):
-    for tool in cli.BENCH_TOOLS:
+    for tool in bench.BENCH_TOOLS:
         with pytest.raises(SystemExit) as e:
             cli.main(["bench", tool, "--help"])
         assert e.value.code == 0
@@ -234,7 +235,7 @@ def test_cli_drafter_options():
 
 BLAS_MISSING = """
 import sys
-from mlx_diffgem import _blas
+from mlx_diffgem.mlx_backend import _blas
 _blas._CANDIDATES = ("/nonexistent/libopenblas.so.0",)
 from mlx_diffgem import cli
 sys.exit(cli.main(sys.argv[1:]))
@@ -263,7 +264,7 @@ def test_warns_once_without_openblas():
 def _openblas_installed() -> bool:
     import glob
 
-    from mlx_diffgem import _blas
+    from mlx_diffgem.mlx_backend import _blas
 
     return any(glob.glob(p) for p in _blas._CANDIDATES)
 

@@ -13,7 +13,7 @@ from mlx_diffgem.core.backend import Cache as CacheProtocol
 pytestmark = [pytest.mark.mlx, needs_mlx]
 
 if HAS_MLX:
-    from mlx_diffgem._blas import import_mlx
+    from mlx_diffgem.mlx_backend._blas import import_mlx
 
     mx = import_mlx()
 
@@ -42,7 +42,7 @@ def _ids(seed, *shape):
 @pytest.fixture(scope="module")
 def model(tiny_path):
     from mlx_diffgem.core.config import ModelConfig
-    from mlx_diffgem.model import Model
+    from mlx_diffgem.mlx_backend.model import Model
 
     m = Model(ModelConfig.from_file(tiny_path / "config.json"))
     weights = mx.load(str(tiny_path / "model.safetensors"))
@@ -65,7 +65,7 @@ def _hf(hf_model, **kw):
 
 
 def _prefill(model, ids, mask=None):
-    from mlx_diffgem.cache import make_cache
+    from mlx_diffgem.mlx_backend.cache import make_cache
 
     cache = make_cache(model, ids.shape[0])
     m = None if mask is None else mx.array(mask)

@@ -46,7 +46,7 @@ def src(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(src, tmp_path_factory):
-    from mlx_diffgem.convert import convert
+    from mlx_diffgem.mlx_backend.convert import convert
 
     root = tmp_path_factory.mktemp("mlx")
     return {
@@ -155,7 +155,7 @@ def test_8bit_logits_are_close_to_float(tmp_path):
     all experts (top_k = E) keeps the model smooth, so the logits then measure the
     quantization error itself.
     """
-    from mlx_diffgem.convert import convert
+    from mlx_diffgem.mlx_backend.convert import convert
 
     src = _source(tmp_path / "hf", top_k_experts=4)
     ref = _logits(_load(src))
@@ -173,8 +173,8 @@ def _dequantized(target):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_diffgem.backend import MLXTarget
-    from mlx_diffgem.model import Model
+    from mlx_diffgem.mlx_backend.backend import MLXTarget
+    from mlx_diffgem.mlx_backend.model import Model
 
     weights = dict(tree_flatten(target.model.parameters()))
     for path, m in target.model.named_modules():
@@ -208,7 +208,7 @@ def test_generation_runs_and_is_seeded(converted):
 
 
 def test_sharded_conversion_loads_the_same(src, converted, tmp_path):
-    from mlx_diffgem.convert import convert
+    from mlx_diffgem.mlx_backend.convert import convert
 
     out = convert(
         src, tmp_path / "s", quantize=True, recipe="mixed", shard_bytes=60_000
@@ -224,7 +224,7 @@ def test_sharded_conversion_loads_the_same(src, converted, tmp_path):
 def test_vision_tensors_are_kept_and_ignored(src, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from mlx_diffgem.convert import convert
+    from mlx_diffgem.mlx_backend.convert import convert
 
     hf = tmp_path / "hf"
     shutil.copytree(src, hf)
@@ -276,7 +276,7 @@ def test_cli_convert(src, tmp_path, capsys):
     ],
 )
 def test_convert_bad_arguments(src, tmp_path, kwargs, match):
-    from mlx_diffgem.convert import convert
+    from mlx_diffgem.mlx_backend.convert import convert
 
     with pytest.raises(ValueError, match=match) as e:
         convert(src, tmp_path / "out", **kwargs)
@@ -285,7 +285,7 @@ def test_convert_bad_arguments(src, tmp_path, kwargs, match):
 
 
 def test_convert_refuses_a_quantized_source(converted, tmp_path):
-    from mlx_diffgem.convert import convert
+    from mlx_diffgem.mlx_backend.convert import convert
 
     with pytest.raises(ValueError, match="already quantized"):
         convert(converted["4bit"], tmp_path / "again", quantize=True)

@@ -1,7 +1,7 @@
 """Sampler pieces on hand-built logits (the upstream cases of spec §7.1, and more).
 
-Parametrized over the backends installed here: `mlx_diffgem/sampling.py` and its torch
-twin `cuda_backend/sampling.py` expose the same functions.
+Parametrized over the backends installed here: `mlx_diffgem/mlx_backend/sampling.py`
+and its torch twin `cuda_backend/sampling.py` expose the same functions.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ class MLX:
     name = "mlx"
 
     def __init__(self):
-        from mlx_diffgem._blas import import_mlx
+        from mlx_diffgem.mlx_backend._blas import import_mlx
 
         self.mx = import_mlx()
-        self.s = importlib.import_module("mlx_diffgem.sampling")
+        self.s = importlib.import_module("mlx_diffgem.mlx_backend.sampling")
 
     def arr(self, x):
         return self.mx.array(x)

@@ -64,7 +64,7 @@ def running(path, name, **limits):
     """A server in this process (uvicorn on a thread); yields its base URL."""
     import uvicorn
 
-    from mlx_diffgem.server import Limits, create_app, start_engine
+    from mlx_diffgem.serve.server import Limits, create_app, start_engine
 
     limits = Limits(**limits)
     app = create_app(start_engine(str(path), limits.max_queue), name, limits)
@@ -503,7 +503,7 @@ def tok(tmp_path_factory):
 
 
 def _out(tok, stop=(), max_tokens=100):
-    from mlx_diffgem.engine import TextOutput
+    from mlx_diffgem.serve.engine import TextOutput
 
     return TextOutput(tok, max_tokens, list(stop), tok.eos_token_ids)
 

@@ -255,7 +255,9 @@ def test_narrow_drafter_loop_matches_filled_logits(tiny_path, backend):
 
     target, _ = _load(tiny_path, backend)
     mod = importlib.import_module(
-        {"mlx": "mlx_diffgem.canvas", "torch": "cuda_backend.canvas"}[backend]
+        {"mlx": "mlx_diffgem.mlx_backend.canvas", "torch": "cuda_backend.canvas"}[
+            backend
+        ]
     )
     plan = SelfDraftPlan(top_k=1, sc_top_k=16, head_vocab=64)
     V, C = target.config.vocab_size, target.config.canvas_length

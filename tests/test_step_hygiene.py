@@ -21,7 +21,7 @@ def hy():
 
 @pytest.fixture(scope="module")
 def target(tiny_path):
-    from mlx_diffgem.backend import load
+    from mlx_diffgem.mlx_backend.backend import load
 
     return load(tiny_path, dtype="float32")
 
@@ -81,7 +81,8 @@ def test_one_eval_per_denoising_step(hy, target, cache):
     for steps in (3, 6):
         evals = [e for e in _events(hy, target, cache, steps) if e.kind == "eval"]
         assert len(evals) == steps
-        assert all(e.where.startswith("mlx_diffgem/canvas.py:") for e in evals)
+        where = "mlx_backend/canvas.py:"
+        assert all(e.where.startswith(where) for e in evals)
 
 
 def test_one_host_sync_per_denoising_step(hy, target, cache):

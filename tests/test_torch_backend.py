@@ -536,7 +536,7 @@ def test_loads_an_unquantized_mlx_conversion(tiny_path, target, tmp_path):
     """`diffgem convert` without quantization writes the experts as `.weight`: the
     torch backend reads them as the HF tensors, the same values bit for bit."""
     from cuda_backend.backend import load
-    from mlx_diffgem.convert import convert
+    from mlx_diffgem.mlx_backend.convert import convert
 
     out = convert(tiny_path, tmp_path / "mlx", dtype="float32")
     converted = load(out, device="cpu")

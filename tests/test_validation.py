@@ -222,7 +222,7 @@ def test_stream_yields_each_canvas_before_the_next_is_computed():
 def _samplers():
     out = []
     if HAS_MLX:
-        from mlx_diffgem import sampling as m
+        from mlx_diffgem.mlx_backend import sampling as m
 
         out.append(("mlx", m))
     if HAS_TORCH:
@@ -263,7 +263,7 @@ def test_renoise_puts_noise_on_every_rejected_position(name, sampling):
 def test_mlx_sampler_draws_follow_the_distribution_and_ties():
     import mlx.core as mx
 
-    from mlx_diffgem.sampling import sample_tokens
+    from mlx_diffgem.mlx_backend.sampling import sample_tokens
 
     # Not one-hot: an argmax would put every draw on index 0.
     p = np.array([0.5, 0.3, 0.2, 0.0], np.float32)

@@ -22,7 +22,7 @@ from .validate import check_decode as check_decode
 from .validate import check_ids as check_ids
 from .validate import check_mask
 
-BACKENDS = {"mlx": "mlx_diffgem.backend", "torch": "cuda_backend.backend"}
+BACKENDS = {"mlx": "mlx_diffgem.mlx_backend.backend", "torch": "cuda_backend.backend"}
 
 
 @dataclass(frozen=True)

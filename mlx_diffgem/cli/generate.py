@@ -1,13 +1,12 @@
-"""`diffgem` command line: parses arguments, then calls the Python API."""
+"""`diffgem generate`: text from a prompt, streamed canvas by canvas."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 
 
-def _generate_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="generate text from a prompt",
@@ -157,69 +156,16 @@ def _sampler_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _convert_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert", help="convert a HF checkpoint to a (quantized) MLX one"
-    )
-    p.add_argument("--hf-path", required=True, help="local folder or HF repo id")
-    p.add_argument("--mlx-path", required=True, help="output folder")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
-    p.add_argument("--q-bits", type=int, default=4, choices=[4, 8])
-    p.add_argument("--q-group-size", type=int, default=64)
-    p.add_argument(
-        "--recipe",
-        default=None,
-        choices=["mixed"],
-        help="mixed: embeddings, attention and router at 8 bits, experts at q-bits",
-    )
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-
-
-BENCH_TOOLS = ("run", "report", "backends")
-
-
-def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmarks (from a clone of the repository): run a suite, build the "
-        "report, or compare the MLX and torch backends here",
-    )
-    p.add_argument("tool", choices=BENCH_TOOLS, help="`diffgem bench TOOL --help`")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's arguments")
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    _bench_on_path()
-    tool = importlib.import_module(f"bench.{args.tool}")
-    return tool.main(args.rest, prog=f"diffgem bench {args.tool}")
-
-
-def _bench_on_path() -> None:
-    """`bench/` is not installed with the package (a generic top-level name that
-    would shadow other packages); it runs from the checkout next to it."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "bench" / "run.py").is_file():
-        raise ImportError(
-            "bench: needs a clone of the repository (bench/ is not installed with "
-            "the package); run `diffgem bench` from an editable install"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-
-
 def _overrides(args: argparse.Namespace) -> dict:
-    from .core.config import SAMPLER_KEYS
+    from ..core.config import SAMPLER_KEYS
 
     return {k: getattr(args, k) for k in SAMPLER_KEYS if getattr(args, k) is not None}
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from . import api, terminal
-    from .core.tokenizer import format_prompt
+def run(args: argparse.Namespace) -> int:
+    from .. import api
+    from ..core.tokenizer import format_prompt
+    from . import terminal
 
     model, tokenizer = _load_generate(args)
     if tokenizer is None:
@@ -266,7 +212,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _load_generate(args: argparse.Namespace):
-    from . import api
+    from .. import api
 
     opts = {"device": args.device} if args.device else {}
     if args.compile is not None:
@@ -290,7 +236,7 @@ def _warm_up(model, ids: list[int], args: argparse.Namespace) -> float:
     """Compile the step on a one-canvas run, so compile time stays out of tok/s."""
     import time
 
-    from .core.generate import generate_ids
+    from ..core.generate import generate_ids
 
     print(
         "compiling the denoising step (torch.compile; tens of seconds on a CPU)...",
@@ -326,78 +272,3 @@ def _show_draft(r) -> None:
         file=sys.stderr,
         flush=True,
     )
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
-
-    out = convert(
-        args.hf_path,
-        args.mlx_path,
-        quantize=args.quantize,
-        bits=args.q_bits,
-        group_size=args.q_group_size,
-        recipe=args.recipe,
-        dtype=args.dtype,
-    )
-    print(f"wrote {out}")
-    return 0
-
-
-DESCRIPTION = """\
-Run DiffusionGemma, Google's text-diffusion model: it writes a whole canvas of
-tokens at once and refines it over a few denoising passes. Runs on Apple silicon
-(MLX), NVIDIA GPUs and CPUs (PyTorch); without --model it uses a small model
-embedded in the package, so everything works offline."""
-
-EXAMPLES = """\
-examples:
-  diffgem generate --prompt "def fibonacci(n):" --max-tokens 64
-  diffgem generate --model google/diffusiongemma-26B-A4B-it --prompt "Hi" --chat
-  diffgem generate --prompt "def add(a, b):" --drafter self
-  diffgem bench run --help
-
-`diffgem COMMAND --help` lists each command's options."""
-
-
-def _top_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="diffgem",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {__version__}"
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _top_parser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    _generate_parser(sub)
-    _convert_parser(sub)
-    _bench_parser(sub)
-    from . import infill_cli
-
-    infill_cli.add_parser(sub)
-    from . import server  # the web stack loads only when serving
-
-    server.add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        commands = {
-            "generate": run_generate,
-            "convert": run_convert,
-            "bench": run_bench,
-            "infill": infill_cli.run,
-            "serve": server.run,
-        }
-        return commands[args.command](args)
-    # Input errors, a missing model file or backend: one line, not a traceback.
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

@@ -11,7 +11,7 @@ import math
 import sys
 from typing import Any
 
-from .core.stats import Stats
+from ..core.stats import Stats
 
 # Prompts shorter than this encode in well under a second: no bar.
 PREFILL_BAR_MIN = 2048

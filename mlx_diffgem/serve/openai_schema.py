@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .core.config import SAMPLER_KEYS
+from ..core.config import SAMPLER_KEYS
 
 # Accepted only at these values (they change nothing); None is always accepted.
 NEUTRAL: dict[str, list[Any]] = {

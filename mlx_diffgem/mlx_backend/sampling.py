@@ -7,7 +7,7 @@ entropy they share; `canvas.py` runs them in the reference's order. The torch tw
 
 from __future__ import annotations
 
-from mlx_diffgem._blas import import_mlx
+from ._blas import import_mlx
 
 mx = import_mlx()
 

@@ -16,7 +16,6 @@ from collections.abc import Callable, Generator
 
 import numpy as np
 
-from mlx_diffgem._blas import import_mlx
 from mlx_diffgem.core.backend import (
     CanvasResult,
     CanvasState,
@@ -27,6 +26,7 @@ from mlx_diffgem.core.backend import (
 )
 from mlx_diffgem.core.noise import NoiseSource
 
+from ._blas import import_mlx
 from .sampling import (
     accept_mask,
     entropy,

@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mlx_diffgem._blas import import_mlx
 from mlx_diffgem.core import checkpoint
 from mlx_diffgem.core.config import ModelConfig, read_json
 
+from ._blas import import_mlx
 from .backend import DTYPES, _load_arrays, build_model
 from .quantize import Recipe, parse_spec, quantize_model
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from mlx_diffgem.core.config import ModelConfig
+
 from ._blas import import_mlx
-from .core.config import ModelConfig
 
 mx = import_mlx()
 

@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prefix-file/--suffix-file: only one of them can be '-'")
     prefix = _read(args.prefix_file, "--prefix-file")
     suffix = _read(args.suffix_file, "--suffix-file")
-    from . import api
-    from .core.infill import Hole, fill
+    from .. import api
+    from ..core.infill import Hole, fill
 
     opts = {"device": args.device} if args.device else {}
     if args.backend is not None:

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .api import stream_generate
-from .core.tokenizer import StreamingDetokenizer, Tokenizer
+from ..api import stream_generate
+from ..core.tokenizer import StreamingDetokenizer, Tokenizer
 
 log = logging.getLogger("mlx_diffgem.server")
 
@@ -271,7 +271,7 @@ class Engine:
 
     def _run_infill(self, job: Job) -> None:
         """One whole middle (`fill` is not a stream: cancels act before it only)."""
-        from .core.infill import Hole, fill
+        from ..core.infill import Hole, fill
 
         r = job.request
         res = fill(

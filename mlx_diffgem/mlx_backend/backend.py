@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from mlx_diffgem._blas import import_mlx
 from mlx_diffgem.core import checkpoint
 from mlx_diffgem.core.backend import (
     CanvasResult,
@@ -24,6 +23,7 @@ from mlx_diffgem.core.noise import NoiseSource
 
 from . import canvas as _canvas
 from . import quantize
+from ._blas import import_mlx
 from .cache import make_cache
 from .model import Model
 

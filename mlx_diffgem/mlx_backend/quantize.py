@@ -16,10 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_diffgem._blas import import_mlx
 from mlx_diffgem.core import checkpoint
 from mlx_diffgem.core.config import ModelConfig
 from mlx_diffgem.core.errors import CheckpointError
+
+from ._blas import import_mlx
 
 mx = import_mlx()
 import mlx.nn as nn  # noqa: E402

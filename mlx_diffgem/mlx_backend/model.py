@@ -14,10 +14,11 @@ import re
 
 import numpy as np
 
+from mlx_diffgem.core.config import ModelConfig
+from mlx_diffgem.core.validate import check_pass_sc
+
 from ._blas import import_mlx
 from .cache import Cache, make_cache
-from .core.config import ModelConfig
-from .core.validate import check_pass_sc
 
 mx = import_mlx()
 import mlx.nn as nn  # noqa: E402

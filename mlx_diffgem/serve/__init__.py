@@ -1,0 +1,1 @@
+"""`diffgem serve`: the OpenAI-compatible HTTP server and its request engine."""

@@ -6,6 +6,7 @@ bf16 on CUDA, float32 on CPU by default. The MLX twin is
 
 from __future__ import annotations
 
+import copy
 import resource
 import sys
 from pathlib import Path
@@ -27,10 +28,12 @@ from mlx_diffgem.core.backend import (
 from mlx_diffgem.core.config import GenerationConfig, ModelConfig
 from mlx_diffgem.core.errors import CheckpointError
 from mlx_diffgem.core.noise import NoiseSource
+from mlx_diffgem.core.plan import PassPlan
 
 from . import canvas as _canvas
 from . import quantize
 from .cache import Cache
+from .canvas import narrow
 from .compile import check_mode as check_compile
 from .compile import compile_model
 from .model import Model
@@ -58,6 +61,7 @@ class TorchTarget:
     """A DiffusionGemma loaded with PyTorch."""
 
     backend = "torch"
+    plan: PassPlan | None = None  # a drafter's view of the model (`planned`)
 
     def __init__(
         self,
@@ -99,7 +103,8 @@ class TorchTarget:
     def decode(
         self, canvas_ids: Any, cache: Cache, self_conditioning: Any = None
     ) -> torch.Tensor:
-        """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits.
+        """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits
+        ([B, C, head_vocab] for a planned view with a sub-vocabulary head).
 
         canvas_ids: [B, C] (numpy or torch) with C the model's canvas_length;
         self_conditioning: [B, C, V] logits (numpy or torch) or None.
@@ -111,7 +116,8 @@ class TorchTarget:
         sc = self_conditioning
         if sc is not None:
             sc = torch.as_tensor(sc, device=self.device).to(self.model.dtype)
-        return self.model.decode(canvas_ids.reshape(shape), cache, sc)
+        canvas = canvas_ids.reshape(shape)
+        return self.model.decode(canvas, cache, narrow(sc, self.plan), self.plan)
 
     def denoise(
         self,
@@ -121,15 +127,29 @@ class TorchTarget:
         noise: NoiseSource,
         on_step=None,
     ) -> CanvasResult:
-        return _canvas.denoise(self.model, state, cache, policy, noise, on_step)
+        return _canvas.denoise(
+            self.model, state, cache, policy, noise, on_step, self.plan
+        )
 
     def denoise_steps(
         self, state: CanvasState, cache: Cache, policy: DenoisePolicy, noise
     ):
         """`denoise` as a generator of StepViews (live drafts) returning the result."""
         return _canvas.denoise_steps(
-            self.model, state, cache, policy, noise, views=True
+            self.model, state, cache, policy, noise, True, self.plan
         )
+
+    def planned(self, plan: PassPlan) -> TorchTarget:
+        """This model with every denoising pass run under `plan`: a drafter made of
+        its weights, reading the same cache (DESIGN §4)."""
+        view = copy.copy(self)
+        view.plan = plan
+        return view
+
+    @property
+    def role(self) -> str:
+        """What its live canvases are labelled with in stream_generate(draft=True)."""
+        return "target" if self.plan is None else "drafter"
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -12,6 +12,7 @@ The MLX twin is `mlx_diffgem/mlx_backend/canvas.py`.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,9 +23,9 @@ from mlx_diffgem.core.backend import (
     DenoisePolicy,
     StepView,
     drain,
-    role_of,
 )
 from mlx_diffgem.core.noise import NoiseSource
+from mlx_diffgem.core.plan import PassPlan
 
 from . import sampling
 from .sampling import accept_mask, renoise, sample_tokens, stop_update
@@ -86,6 +87,22 @@ def _start(
     return torch.as_tensor(state.canvas, device=device).long()
 
 
+def narrow(sc: torch.Tensor | None, plan: PassPlan | None) -> torch.Tensor | None:
+    """Self-conditioning cut to a plan's head (a drafter cannot propose the other
+    tokens, so its soft embedding leaves them out)."""
+    rows = None if plan is None else plan.head_vocab
+    if sc is None or rows is None or sc.shape[-1] == rows:
+        return sc
+    return sc[..., :rows]
+
+
+def widen(sc: torch.Tensor | None, vocab: int) -> torch.Tensor | None:
+    """A drafter's self-conditioning filled out to the vocabulary (for the model)."""
+    if sc is None or sc.shape[-1] == vocab:
+        return sc
+    return pad_vocab(sc, vocab, PassPlan.fill)
+
+
 def denoise(
     model,
     state: CanvasState,
@@ -93,9 +110,11 @@ def denoise(
     policy: DenoisePolicy,
     noise: NoiseSource,
     on_step: Callable[[StepView], None] | None = None,
+    plan: PassPlan | None = None,
 ) -> CanvasResult:
-    """Run denoising steps until every row is stable and confident, or N steps."""
-    steps = denoise_steps(model, state, cache, policy, noise, views=on_step is not None)
+    """Run denoising steps until every row is stable and confident, or N steps;
+    every pass under `plan` (a drafter's) when one is given."""
+    steps = denoise_steps(model, state, cache, policy, noise, on_step is not None, plan)
     return drain(steps, on_step)
 
 
@@ -106,100 +125,140 @@ def denoise_steps(
     policy: DenoisePolicy,
     noise: NoiseSource,
     views: bool = False,
+    plan: PassPlan | None = None,
 ) -> Generator[StepView, None, CanvasResult]:
     """`denoise` as a generator: yields the live argmax canvas after each step when
     `views` (one extra host copy per step) and returns the CanvasResult."""
     # The torch context decorators keep their mode off while the generator is paused.
     steps = model.grad_off()(_denoise_steps)
-    return steps(model, state, cache, policy, noise, views)
+    return steps(model, state, cache, policy, noise, views, plan)
 
 
-def _denoise_steps(model, state, cache, policy, noise, views):
-    score = getattr(model, "score", sampling.score)  # compiled by compile_model
-    B, C, dev = cache.batch_size, model.config.canvas_length, cache.device
-    V = model.config.vocab_size  # renoise draws: the whole vocabulary
-    pins = _pins(state.fixed, dev)
-    canvas = _pin(pins, _start(model, state, noise, (B, C), dev))
-    sc, history = state.self_conditioning, state.history
-    argmax = canvas if state.argmax is None else _on(state.argmax, dev)
-    finished = torch.as_tensor(
-        np.zeros(B, bool) if state.finished is None else state.finished
-    )
-    finished = finished.to(dev)
-    done = torch.zeros((B,), dtype=torch.bool, device=dev)
-    if state.done is not None:
-        done = _on(state.done, dev).bool()
-    passes = torch.zeros((B,), dtype=torch.int32, device=dev)
-    h_mean = torch.zeros((B,), dtype=torch.float32, device=dev)
-    if state.mean_entropy is not None:
-        h_mean = _on(state.mean_entropy, dev).float()
-    done_host = done.cpu().numpy()
-    any_done = bool(done_host.any())
-    countdown = [] if done_host.all() else policy.countdown(state.step)
+def _denoise_steps(model, state, cache, policy, noise, views, plan):
+    loop = _Loop.start(model, state, cache, noise, plan)
+    countdown = [] if loop.done_host.all() else policy.countdown(state.step)
     # Every temperature in one upload; step n divides by a device scalar, as the
     # reference does (a host float would become a reciprocal multiply on CUDA).
-    temps = torch.tensor([policy.temperature(n) for n in countdown], device=dev)
-    accepted, entropies, steps = [], [], 0
+    temps = torch.tensor(
+        [policy.temperature(n) for n in countdown], device=cache.device
+    )
+    role = "target" if plan is None else "drafter"
     for j in range(len(countdown)):
-        passes += (~(done | finished)).int()
-        z = model.decode(canvas, cache, sc)  # 1
-        new_arg, h = score(z, temps[j])  # 2: z is now z / T(n)
+        loop.step(model, cache, temps[j], policy, noise, plan)
+        if views:
+            argmax_host = loop.argmax.cpu().numpy().astype(np.int32)
+            yield StepView(loop.steps, argmax_host, loop.done_host, role)
+        if loop.done_host.all():
+            break
+    return loop.result(state, model.config.vocab_size)
+
+
+@dataclass
+class _Loop:
+    """One canvas between two passes: its device state and the per-step counters."""
+
+    canvas: torch.Tensor  # [B, C] the next pass's input
+    sc: torch.Tensor | None  # [B, C, V'] the last pass's processed logits
+    history: torch.Tensor | None  # argmax history of the stability test
+    argmax: torch.Tensor  # [B, C]
+    finished: torch.Tensor  # [B] rows finished before this canvas (not counted)
+    done: torch.Tensor  # [B] rows whose stop rule held (frozen from then on)
+    h_mean: torch.Tensor  # [B] mean entropy of the last pass
+    pins: tuple | None  # infill: (pinned mask, ids, holes per row)
+    passes: torch.Tensor  # [B] passes counted per row
+    done_host: np.ndarray  # `done` on the host (the one sync of a step)
+    steps: int = 0
+    accepted: list = field(default_factory=list)
+    entropies: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, model, state: CanvasState, cache, noise, plan) -> _Loop:
+        B, C, dev = cache.batch_size, model.config.canvas_length, cache.device
+        pins = _pins(state.fixed, dev)
+        canvas = _pin(pins, _start(model, state, noise, (B, C), dev))
+        finished = np.zeros(B, bool) if state.finished is None else state.finished
+        done = torch.zeros((B,), dtype=torch.bool, device=dev)
+        if state.done is not None:
+            done = _on(state.done, dev).bool()
+        h_mean = torch.zeros((B,), dtype=torch.float32, device=dev)
+        if state.mean_entropy is not None:
+            h_mean = _on(state.mean_entropy, dev).float()
+        return cls(
+            canvas=canvas,
+            sc=narrow(state.self_conditioning, plan),
+            history=state.history,
+            argmax=canvas if state.argmax is None else _on(state.argmax, dev),
+            finished=torch.as_tensor(finished).to(dev),
+            done=done,
+            h_mean=h_mean,
+            pins=pins,
+            passes=torch.zeros((B,), dtype=torch.int32, device=dev),
+            done_host=done.cpu().numpy(),
+        )
+
+    def step(self, model, cache, T, policy: DenoisePolicy, noise, plan) -> None:
+        """One pass at temperature T, a device scalar (module docstring, 1-5)."""
+        score = getattr(model, "score", sampling.score)  # compiled by compile_model
+        (B, C), dev = self.canvas.shape, self.canvas.device
+        done, pins = self.done, self.pins
+        any_done = bool(self.done_host.any())
+        self.passes += (~(done | self.finished)).int()
+        z = model.decode(self.canvas, cache, self.sc, plan=plan)  # 1
+        new_arg, h = score(z, T)  # 2: z is now z / T(n)
         draft = draw_sample(noise, z)
         if pins is not None:  # pinned positions: kept, with no entropy to count
             h = h.masked_fill(pins[0], 0.0)
         keep = accept_mask(h, policy.entropy_bound)  # 3
-        new_canvas = renoise(
-            keep, draft, draw_uniform(noise, "renoise", (B, C), V, dev)
-        )
+        V = model.config.vocab_size  # renoise draws: the whole vocabulary
+        uniform = draw_uniform(noise, "renoise", (B, C), V, dev)
+        new_canvas = renoise(keep, draft, uniform)
         new_h_mean = _mean_entropy(h, pins)
         new_arg, new_canvas = _pin(pins, new_arg), _pin(pins, new_canvas)
         if any_done:  # 4: rows that stopped keep their previous state
-            new_arg = torch.where(done[:, None], argmax, new_arg)
-            new_canvas = torch.where(done[:, None], canvas, new_canvas)
+            new_arg = torch.where(done[:, None], self.argmax, new_arg)
+            new_canvas = torch.where(done[:, None], self.canvas, new_canvas)
             # In place: no extra [B, C, V] tensor.
-            torch.where(done[:, None, None], sc, z, out=z)
-            new_h_mean = torch.where(done, h_mean, new_h_mean)
-        stop, history = stop_update(
-            history,
+            torch.where(done[:, None, None], self.sc, z, out=z)
+            new_h_mean = torch.where(done, self.h_mean, new_h_mean)
+        stop, self.history = stop_update(
+            self.history,
             new_arg,
             new_h_mean,
             policy.stability_threshold,
             policy.confidence_threshold,
         )
-        done = done | stop
-        sc, canvas, argmax, h_mean = z.to(model.dtype), new_canvas, new_arg, new_h_mean
-        accepted.append(keep.sum(dim=-1))
-        entropies.append(new_h_mean)
-        done_host = done.cpu().numpy()  # 5
-        steps += 1
-        if views:
-            argmax_host = argmax.cpu().numpy().astype(np.int32)
-            yield StepView(steps, argmax_host, done_host, role_of(model))
-        any_done = bool(done_host.any())
-        if done_host.all():
-            break
-    return CanvasResult(
-        tokens=argmax.cpu().numpy().astype(np.int32),
-        steps=steps,
-        passes=passes.cpu().numpy().astype(np.int64),
-        state=CanvasState(
-            canvas,
-            sc,
-            history,
-            state.finished,
-            draw_initial=False,
-            step=state.step + steps,
-            argmax=argmax,
-            done=done,
-            mean_entropy=h_mean,
-            fixed=state.fixed,
-        ),
-        step_stats={
-            "accepted": _stack(accepted, B),
-            "mean_entropy": _stack(entropies, B),
-        },
-        done=done_host,
-    )
+        self.done = done | stop
+        self.sc, self.canvas = z.to(model.dtype), new_canvas
+        self.argmax, self.h_mean = new_arg, new_h_mean
+        self.accepted.append(keep.sum(dim=-1))
+        self.entropies.append(new_h_mean)
+        self.done_host = self.done.cpu().numpy()  # 5
+        self.steps += 1
+
+    def result(self, state: CanvasState, vocab: int) -> CanvasResult:
+        B = self.passes.shape[0]
+        return CanvasResult(
+            tokens=self.argmax.cpu().numpy().astype(np.int32),
+            steps=self.steps,
+            passes=self.passes.cpu().numpy().astype(np.int64),
+            state=CanvasState(
+                self.canvas,
+                widen(self.sc, vocab),
+                self.history,
+                state.finished,
+                draw_initial=False,
+                step=state.step + self.steps,
+                argmax=self.argmax,
+                done=self.done,
+                mean_entropy=self.h_mean,
+                fixed=state.fixed,
+            ),
+            step_stats={
+                "accepted": _stack(self.accepted, B),
+                "mean_entropy": _stack(self.entropies, B),
+            },
+            done=self.done_host,
+        )
 
 
 def _pins(fixed, device: torch.device) -> tuple[torch.Tensor, ...] | None:

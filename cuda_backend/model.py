@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlx_diffgem.core.config import ModelConfig
+from mlx_diffgem.core.plan import PassPlan
 from mlx_diffgem.core.validate import check_pass_sc
 
 from .cache import Cache, LayerCache, Masks
@@ -361,7 +362,13 @@ class Model(nn.Module):
         return out
 
     def _layers(
-        self, h, positions, masks: Masks, cache: Cache, encoder: bool, plan=None
+        self,
+        h,
+        positions,
+        masks: Masks,
+        cache: Cache,
+        encoder: bool,
+        plan: PassPlan | None = None,
     ):
         rot = self._rotations(positions)
         top_k = None if plan is None else plan.top_k
@@ -391,7 +398,10 @@ class Model(nn.Module):
             cache.end_encode(ids.shape[1])
 
     def _decoder_input(
-        self, canvas: torch.Tensor, sc: torch.Tensor | None, plan=None
+        self,
+        canvas: torch.Tensor,
+        sc: torch.Tensor | None,
+        plan: PassPlan | None = None,
     ) -> torch.Tensor:
         scale = self.embed_scale()
         e = self.embed_tokens(canvas) * scale
@@ -402,7 +412,9 @@ class Model(nn.Module):
         # Without sc the block sees zeros and adds exactly zero; skip it.
         return rms_norm(e, None, self.config.rms_norm_eps)
 
-    def _soft_embed(self, sc: torch.Tensor, plan=None) -> torch.Tensor:
+    def _soft_embed(
+        self, sc: torch.Tensor, plan: PassPlan | None = None
+    ) -> torch.Tensor:
         """softmax(sc) @ E; a plan with sc_top_k takes it over each row's top k."""
         k = None if plan is None else plan.sc_top_k
         if k is None:  # sc narrower than V: a drafter's sub-vocabulary
@@ -418,14 +430,15 @@ class Model(nn.Module):
         canvas: torch.Tensor,
         cache: Cache,
         self_conditioning: torch.Tensor | None = None,
-        plan=None,
+        plan: PassPlan | None = None,
     ) -> torch.Tensor:
         """Bidirectional pass: canvas [B, C] long -> logits [B, C, V] float32
         ([B, C, head_vocab] under a plan with a sub-vocabulary head, which also
         takes self-conditioning of that width).
 
-        plan: a `drafter.plan.SelfDraftPlan`: run this pass as a cheap self-drafter
-        (fewer layers and experts, top-k soft embedding, sub-vocabulary head).
+        plan: a `PassPlan` (core/plan.py): run this pass as a drafter made of these
+        weights (fewer layers and experts, top-k soft embedding, sub-vocabulary head,
+        a trained drafter's own layers).
         """
         with self.grad_off():
             positions, masks = cache.decoder_masks(canvas.shape[1])
@@ -435,7 +448,7 @@ class Model(nn.Module):
                 h = plan.adapter(h)  # a trained drafter's own layers
             return self._head(self.norm(h), plan)
 
-    def _head(self, h: torch.Tensor, plan=None) -> torch.Tensor:
+    def _head(self, h: torch.Tensor, plan: PassPlan | None = None) -> torch.Tensor:
         """Softcapped fp32 logits over the vocabulary, or over a plan's first
         `head_vocab` ids only (the drafter's sampler then works on that width)."""
         rows = None if plan is None else plan.head_vocab

@@ -283,7 +283,7 @@ def decoder_pass(model, canvas, prefixes, P, sc=None, plan=None) -> torch.Tensor
 
     Canvases are folded into the batch ([B*n, C]); each sees the clean encoder K/V
     before it and itself (`_CanvasKeys`), as the decoder does at inference.
-    `plan` (a drafter.plan.SelfDraftPlan): run the drafter's layers, experts per
+    `plan` (a core.plan.PassPlan): run the drafter's layers, experts per
     token and adapter instead (its soft-embedding and head cuts are not applied:
     a drafter trains against the whole vocabulary).
     """

@@ -16,18 +16,23 @@ DRAFTERS = ("self", "self:SETTINGS", "target", "default", "PATH")
 
 
 def load_drafter(target: Any, spec: str) -> Any:
-    """A drafter for `target` from a `drafter=` argument (see DRAFTERS)."""
+    """A drafter for `target` from a `drafter=` argument (see DRAFTERS): the target
+    itself, run under a plan (`target.planned(plan)`, a Target of its own)."""
+    return target.planned(drafter_plan(target, spec))
+
+
+def drafter_plan(target: Any, spec: str) -> Any:
+    """The PassPlan that a `drafter=` argument names for `target`."""
     from .plan import SelfDraftPlan
-    from .self_draft import SelfDrafter
-    from .trained import CONFIG, TrainedDrafter
+    from .trained import CONFIG, trained_plan
 
     if not isinstance(spec, str):
         raise ValueError(f"drafter: expected a string, got {type(spec).__name__}")
     kind, _, settings = spec.partition(":")
     if kind == "self":
-        return SelfDrafter(target, SelfDraftPlan.parse(settings, target.config))
+        return SelfDraftPlan.parse(settings, target.config)
     if kind == "target" and not settings:
-        return SelfDrafter(target, SelfDraftPlan().checked(target.config))
+        return SelfDraftPlan().checked(target.config)
     if kind == "default" and not settings:
         shipped = Path(target.path) / "drafter"
         if not (shipped / CONFIG).is_file():
@@ -35,9 +40,9 @@ def load_drafter(target: Any, spec: str) -> Any:
                 f"drafter: 'default': no drafter is shipped for {target.path}; use "
                 "'self' (training-free)"
             )
-        return TrainedDrafter(target, shipped)
+        return trained_plan(target, shipped)
     if (Path(spec) / CONFIG).is_file():
-        return TrainedDrafter(target, spec)
+        return trained_plan(target, spec)
     if Path(spec).is_dir():
         raise ValueError(f"drafter: {spec}: a folder without {CONFIG}")
     raise ValueError(

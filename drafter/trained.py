@@ -4,7 +4,7 @@ The drafter runs a subset of the target's decoder layers (reading the target's K
 cache, so the prompt reaches it through the target's own encode-time K/V and it needs
 no cache of its own), then `adapter_layers` small bidirectional layers trained by
 `drafter/distill.py`, then the target's final norm and tied LM head (optionally over
-a sub-vocabulary). Its canvas loop is the backend's own, as for the self-drafter.
+a sub-vocabulary). It is the target run under a plan, as the self-drafter is.
 
 A drafter folder holds `drafter_config.json` and `drafter.safetensors`; the one shipped
 for a model lives in the model folder's `drafter/` (`drafter="default"`).
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from .plan import SelfDraftPlan
-from .self_draft import SelfDrafter
 
 CONFIG, WEIGHTS = "drafter_config.json", "drafter.safetensors"
 KIND = "trained-adapter"
@@ -50,13 +49,16 @@ class DrafterSpec:
     sc_top_k: int | None = None
     head_vocab: int | None = None
 
-    def plan(self, target_config: Any, adapter: Any = None) -> SelfDraftPlan:
+    def plan(
+        self, target_config: Any, adapter: Any = None, source: str | None = None
+    ) -> SelfDraftPlan:
         return SelfDraftPlan(
             layers=self.target_layers,
             top_k=self.top_k,
             sc_top_k=self.sc_top_k,
             head_vocab=self.head_vocab,
             adapter=adapter,
+            source=source,
         ).checked(target_config)
 
     def to_dict(self) -> dict:
@@ -114,27 +116,15 @@ def load_adapter(folder: Path, spec: DrafterSpec, backend: str, dtype: Any) -> A
     return Adapter.from_numpy(spec.adapter, tensors, dtype, path)
 
 
-class TrainedDrafter(SelfDrafter):
-    """The target's kept layers, the trained adapter, the target's head."""
-
-    kind = "trained"
-
-    def __init__(self, target: Any, folder: str | Path):
-        folder = Path(folder)
-        spec = DrafterSpec.from_file(folder / CONFIG)
-        if spec.adapter.hidden_size != target.config.hidden_size:
-            raise ValueError(
-                f"{folder / CONFIG}: adapter hidden_size {spec.adapter.hidden_size} "
-                f"!= the target's {target.config.hidden_size}"
-            )
-        adapter = load_adapter(folder, spec, target.backend, target.model.dtype)
-        super().__init__(target, spec.plan(target.config, adapter))
-        self.folder, self.spec = folder, spec
-
-    def describe(self) -> dict:
-        return {
-            "kind": self.kind,
-            "folder": str(self.folder),
-            "adapter_layers": self.spec.adapter.num_layers,
-            **self.plan.to_dict(),
-        }
+def trained_plan(target: Any, folder: str | Path) -> SelfDraftPlan:
+    """The plan of the drafter in `folder` for `target`: the target's kept layers,
+    the trained adapter (on the target's backend), the target's head."""
+    folder = Path(folder)
+    spec = DrafterSpec.from_file(folder / CONFIG)
+    if spec.adapter.hidden_size != target.config.hidden_size:
+        raise ValueError(
+            f"{folder / CONFIG}: adapter hidden_size {spec.adapter.hidden_size} "
+            f"!= the target's {target.config.hidden_size}"
+        )
+    adapter = load_adapter(folder, spec, target.backend, target.model.dtype)
+    return spec.plan(target.config, adapter, str(folder))

@@ -251,7 +251,7 @@ def test_narrow_drafter_loop_matches_filled_logits(tiny_path, backend):
     vocabulary's width with the other logits filled (replayed draws)."""
     import importlib
 
-    from drafter.self_draft import DraftView, SelfDrafter
+    from drafter import load_drafter
 
     target, _ = _load(tiny_path, backend)
     mod = importlib.import_module(
@@ -262,32 +262,39 @@ def test_narrow_drafter_loop_matches_filled_logits(tiny_path, backend):
     plan = SelfDraftPlan(top_k=1, sc_top_k=16, head_vocab=64)
     V, C = target.config.vocab_size, target.config.canvas_length
 
-    class Filled(DraftView):  # the previous layout: logits filled out to V
-        def decode(self, canvas, cache, sc=None):
-            z = self.model.decode(canvas, cache, sc, plan=self.plan)
-            return mod.pad_vocab(z, V, self.plan.fill)
+    class Filled:  # the previous layout: the plan's logits filled out to V
+        config, dtype, model = target.config, target.model.dtype, target.model
 
+        def grad_off(self):  # torch's canvas loop enters it
+            return self.model.grad_off()
+
+        def decode(self, canvas, cache, sc=None, plan=None):
+            z = self.model.decode(canvas, cache, sc, plan=cut)
+            return mod.pad_vocab(z, V, SelfDraftPlan.fill)
+
+    cut = plan  # the loop runs Filled without a plan of its own
     rng = np.random.default_rng(3)
     draws = [rng.integers(0, V, (1, C))]
     for _ in range(6):
         draws += [rng.integers(0, 64, (1, C)), rng.integers(0, V, (1, C))]
     policy = DenoisePolicy(max_steps=6, confidence_threshold=1e-9)
     out = []
-    for view in (None, Filled(target.model, plan)):
+    for filled in (False, True):
         cache = target.new_cache(1)
         target.encode(np.asarray([[2, 10, 11, 12, 13]], np.int32), cache)
-        d = SelfDrafter(target, plan)
         noise = ReplayNoise(list(draws))
-        if view is None:
-            res = d.denoise(CanvasState(), cache, policy, noise)
+        if not filled:
+            drafter = load_drafter(target, "self:top_k=1 sc_top_k=16 head_vocab=64")
+            assert drafter.plan == plan and drafter.role == "drafter"
+            res = drafter.denoise(CanvasState(), cache, policy, noise)
         else:
-            res = mod.denoise(view, CanvasState(), cache, policy, noise)
+            res = mod.denoise(Filled(), CanvasState(), cache, policy, noise)
         out.append(res)
-    narrow, filled = out
-    assert narrow.steps == filled.steps == 6
-    np.testing.assert_array_equal(narrow.tokens, filled.tokens)
-    sn = dg.to_numpy(narrow.state.self_conditioning)
-    sf = dg.to_numpy(filled.state.self_conditioning)
+    narrow_res, filled_res = out
+    assert narrow_res.steps == filled_res.steps == 6
+    np.testing.assert_array_equal(narrow_res.tokens, filled_res.tokens)
+    sn = dg.to_numpy(narrow_res.state.self_conditioning)
+    sf = dg.to_numpy(filled_res.state.self_conditioning)
     assert sn.shape == sf.shape == (1, C, V)  # widened for the target
     np.testing.assert_allclose(sn[..., :64], sf[..., :64], atol=1e-5)
     assert (sn[..., 64:] == SelfDraftPlan.fill).all()

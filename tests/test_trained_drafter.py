@@ -104,7 +104,7 @@ def test_speculative_with_trained_drafter_same_on_both_backends(tiny_path, draft
         model, _ = _load(
             tiny_path, backend, str(drafter_dir), draft_steps=3, max_rounds=2
         )
-        assert model.drafter.describe()["kind"] == "trained"
+        assert model.drafter.plan.describe()["kind"] == "trained"
         seqs, st = generate_ids(
             model,
             [[2, 10, 11, 12]],
@@ -166,7 +166,8 @@ def test_distill_lowers_the_drafter_loss(tmp_path):
     meta = json.loads((out / "distill.json").read_text())
     assert meta["log"][-1]["loss"] < meta["start"]["loss"]
     target, _ = _load(default_model_path(), "torch")
-    assert load_drafter(target, str(out)).describe()["folder"] == str(out)
+    described = load_drafter(target, str(out)).plan.describe()
+    assert described["folder"] == str(out)
 
 
 def _tiny_corpus(folder):

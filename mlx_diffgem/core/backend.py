@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import GenerationConfig, ModelConfig
 from .noise import NoiseSource
+from .plan import PassPlan
 from .validate import check_decode as check_decode
 
 # check_ids is re-exported: the backends and the API import it from here.
@@ -127,11 +128,6 @@ class StepView:
     source: str = "target"  # or "drafter" (speculative decoding)
 
 
-def role_of(model: Any) -> str:
-    """ "drafter" for a drafter's model view, else "target" (labels StepViews)."""
-    return getattr(model, "role", "target")
-
-
 @runtime_checkable
 class Cache(Protocol):
     """A backend's KV cache: prompt + committed canvases, never a canvas in flight."""
@@ -177,6 +173,11 @@ class Target(Protocol):
         noise: NoiseSource,
     ) -> Generator[StepView, None, CanvasResult]:
         """`denoise` as a generator: yields a StepView per step, returns the result."""
+        ...
+
+    def planned(self, plan: PassPlan) -> Target:
+        """The same model with every pass run under `plan`: a drafter made of its
+        weights, reading the same cache (core/plan.py)."""
         ...
 
     def sync(self) -> None: ...

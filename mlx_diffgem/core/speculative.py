@@ -16,14 +16,18 @@ pass met the target's stop rule or used up the native budget.
 
 The schedule position (and so the temperature) advances with every pass of either
 model; rows the target has stopped stay frozen through later drafter passes.
+
+Both models speak the Backend protocol: the drafter is the target itself run under a
+PassPlan (`target.planned(plan)`, core/plan.py), so this loop calls `denoise` on two
+Targets and no backend calls back into `drafter/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Generator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -88,90 +92,88 @@ class SpecPolicy:
         )
 
 
-class Drafter(Protocol):
-    """What the loop needs of a drafter: a `denoise` like a Target's."""
-
-    def denoise(self, state, cache, policy, noise, on_step=None) -> CanvasResult: ...
-
-    def denoise_steps(self, state, cache, policy, noise): ...
-
-
-def _run(model: Any, state, cache, policy, noise, views: bool):
+def _run(model: Target, state, cache, policy, noise, views: bool):
     """A model's `denoise` call; as a generator of StepViews when `views`."""
     if views:
         return (yield from model.denoise_steps(state, cache, policy, noise))
     return model.denoise(state, cache, policy, noise)
 
 
-def denoise_speculative(
-    target: Target,
-    drafter: Drafter,
-    state: CanvasState,
-    cache: Any,
-    policy: DenoisePolicy,
-    spec: SpecPolicy,
-    noise: NoiseSource,
-    views: bool = False,
-) -> Generator[StepView, None, CanvasResult]:
-    """One canvas, speculatively (steps 1-4 of the module docstring)."""
-    B = cache.batch_size
-    # 1. draft (the drafter's stop flags are its own: the target starts unstopped)
-    draft = yield from _run(
-        drafter,
-        state,
-        cache,
-        spec.drafter_policy(policy, spec.draft_steps),
-        noise,
-        views,
-    )
-    first, cur = draft.tokens, draft.state
-    done, drafter_steps, target_steps, rounds = state.done, draft.steps, 0, 0
-    passes = np.zeros(B, np.int64)
-    stats: list[dict] = []
-    while True:
-        # 2. verify (one pass), or 4. finish natively
-        native = rounds >= spec.max_rounds
-        budget = policy.max_steps - target_steps if native else 1
-        canvas = cur.argmax if spec.verify_on == "argmax" and not native else cur.canvas
+@dataclass
+class _Canvas:
+    """One canvas decoded speculatively: the two models (the drafter is the target
+    run under a plan, a Target of its own), the settings they share and the
+    counters the result reports."""
+
+    target: Target
+    drafter: Target
+    spec: SpecPolicy
+    cache: Any
+    policy: DenoisePolicy
+    noise: NoiseSource
+    views: bool
+    drafter_steps: int = 0
+    target_steps: int = 0
+    rounds: int = 0
+    stats: list = field(default_factory=list)
+
+    def run(self, state: CanvasState) -> Generator[StepView, None, CanvasResult]:
+        """Steps 1-4 of the module docstring."""
+        spec, policy = self.spec, self.policy
+        # 1. draft (the drafter's stop flags are its own: the target starts unstopped)
+        draft = yield from self._draft(state, spec.draft_steps)
+        cur, done = draft.state, state.done
+        passes = np.zeros(self.cache.batch_size, np.int64)
+        while True:
+            native = self.rounds >= spec.max_rounds
+            res = yield from self._verify(cur, done, native)  # 2, or 4
+            passes += res.passes
+            cur, done = res.state, res.state.done
+            if res.done.all() or self.target_steps >= policy.max_steps or native:
+                break  # 3: commit
+            if self.rounds < spec.max_rounds:  # 3: refine what it did not accept
+                ref = yield from self._draft(cur, spec.refine_steps)
+                cur = dataclasses.replace(ref.state, done=done)
+        return self._result(state, draft.tokens, res, cur, passes)
+
+    def _draft(self, state: CanvasState, budget: int):
+        policy = self.spec.drafter_policy(self.policy, budget)
         res = yield from _run(
-            target,
-            dataclasses.replace(cur, canvas=canvas, done=done),
-            cache,
-            dataclasses.replace(policy, budget=budget),
-            noise,
-            views,
+            self.drafter, state, self.cache, policy, self.noise, self.views
         )
-        rounds += 0 if native else 1
-        target_steps += res.steps
-        passes += res.passes
-        stats.append(res.step_stats)
-        cur, done = res.state, res.state.done
-        # 3. commit, or refine what the target did not accept
-        if res.done.all() or target_steps >= policy.max_steps or native:
-            break
-        if rounds < spec.max_rounds:
-            ref = yield from _run(
-                drafter,
-                cur,
-                cache,
-                spec.drafter_policy(policy, spec.refine_steps),
-                noise,
-                views,
-            )
-            drafter_steps += ref.steps
-            cur = dataclasses.replace(ref.state, done=done)
-    live = np.ones(B, bool) if state.finished is None else ~state.finished
-    return CanvasResult(
-        tokens=res.tokens,
-        steps=target_steps,
-        passes=passes,
-        state=cur,
-        step_stats={k: np.concatenate([s[k] for s in stats]) for k in stats[0]},
-        done=res.done,
-        drafter_steps=drafter_steps,
-        verify_rounds=rounds,
-        drafted_kept=int((first == res.tokens)[live].sum()),
-    )
+        self.drafter_steps += res.steps
+        return res
+
+    def _verify(self, cur: CanvasState, done: Any, native: bool):
+        """One target pass on the drafter's state (a verify), or, when `native`,
+        the rest of the target's native budget."""
+        budget = self.policy.max_steps - self.target_steps if native else 1
+        on_argmax = self.spec.verify_on == "argmax" and not native
+        canvas = cur.argmax if on_argmax else cur.canvas
+        start = dataclasses.replace(cur, canvas=canvas, done=done)
+        policy = dataclasses.replace(self.policy, budget=budget)
+        res = yield from _run(
+            self.target, start, self.cache, policy, self.noise, self.views
+        )
+        self.rounds += 0 if native else 1
+        self.target_steps += res.steps
+        self.stats.append(res.step_stats)
+        return res
+
+    def _result(self, state, first, res, cur, passes) -> CanvasResult:
+        live = np.ones(len(passes), bool) if state.finished is None else ~state.finished
+        stats = self.stats
+        return CanvasResult(
+            tokens=res.tokens,
+            steps=self.target_steps,
+            passes=passes,
+            state=cur,
+            step_stats={k: np.concatenate([s[k] for s in stats]) for k in stats[0]},
+            done=res.done,
+            drafter_steps=self.drafter_steps,
+            verify_rounds=self.rounds,
+            drafted_kept=int((first == res.tokens)[live].sum()),
+        )
 
 
 class SpeculativeModel:
@@ -181,7 +183,7 @@ class SpeculativeModel:
     CLI use it as they use the target itself.
     """
 
-    def __init__(self, target: Target, drafter: Drafter, spec: SpecPolicy):
+    def __init__(self, target: Target, drafter: Target, spec: SpecPolicy):
         self.target, self.drafter, self.spec = target, drafter, spec
         self.config = target.config
         self.generation_config = target.generation_config
@@ -202,16 +204,10 @@ class SpeculativeModel:
         return drain(steps, on_step)
 
     def denoise_steps(self, state, cache, policy, noise, views: Any = True):
-        return denoise_speculative(
-            self.target,
-            self.drafter,
-            state,
-            cache,
-            policy,
-            self.spec,
-            noise,
-            bool(views),
+        run = _Canvas(
+            self.target, self.drafter, self.spec, cache, policy, noise, bool(views)
         )
+        return run.run(state)
 
     def sync(self) -> None:
         self.target.sync()

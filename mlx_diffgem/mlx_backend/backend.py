@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,13 @@ from mlx_diffgem.core.backend import (
 from mlx_diffgem.core.config import GenerationConfig, ModelConfig
 from mlx_diffgem.core.errors import CheckpointError
 from mlx_diffgem.core.noise import NoiseSource
+from mlx_diffgem.core.plan import PassPlan
 
 from . import canvas as _canvas
 from . import quantize
 from ._blas import import_mlx
 from .cache import make_cache
+from .canvas import narrow
 from .model import Model
 
 mx = import_mlx()
@@ -42,6 +45,7 @@ class MLXTarget:
     """A DiffusionGemma loaded with MLX."""
 
     backend = "mlx"
+    plan: PassPlan | None = None  # a drafter's view of the model (`planned`)
 
     def __init__(
         self,
@@ -69,7 +73,8 @@ class MLXTarget:
         mx.eval(cache.state)
 
     def decode(self, canvas_ids: Any, cache, self_conditioning: Any = None) -> mx.array:
-        """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits.
+        """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits
+        ([B, C, head_vocab] for a planned view with a sub-vocabulary head).
 
         canvas_ids: [B, C] (numpy or mx) with C the model's canvas_length;
         self_conditioning: [B, C, V] logits (numpy or mx) or None.
@@ -81,7 +86,8 @@ class MLXTarget:
         if sc is not None and not isinstance(sc, mx.array):
             sc = np.asarray(sc, np.float32)
         sc = None if sc is None else mx.array(sc).astype(self.model.dtype)
-        return self.model.decode(mx.array(canvas_ids).reshape(shape), cache, sc)
+        canvas = mx.array(canvas_ids).reshape(shape)
+        return self.model.decode(canvas, cache, narrow(sc, self.plan), self.plan)
 
     def denoise(
         self,
@@ -91,15 +97,29 @@ class MLXTarget:
         noise: NoiseSource,
         on_step=None,
     ) -> CanvasResult:
-        return _canvas.denoise(self.model, state, cache, policy, noise, on_step)
+        return _canvas.denoise(
+            self.model, state, cache, policy, noise, on_step, self.plan
+        )
 
     def denoise_steps(
         self, state: CanvasState, cache, policy: DenoisePolicy, noise: NoiseSource
     ):
         """`denoise` as a generator of StepViews (live drafts); returns the result."""
         return _canvas.denoise_steps(
-            self.model, state, cache, policy, noise, views=True
+            self.model, state, cache, policy, noise, True, self.plan
         )
+
+    def planned(self, plan: PassPlan) -> MLXTarget:
+        """This model with every denoising pass run under `plan`: a drafter made of
+        its weights, reading the same cache (DESIGN §4)."""
+        view = copy.copy(self)
+        view.plan = plan
+        return view
+
+    @property
+    def role(self) -> str:
+        """What its live canvases are labelled with in stream_generate(draft=True)."""
+        return "target" if self.plan is None else "drafter"
 
     def sync(self) -> None:
         mx.synchronize()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,9 +23,9 @@ from mlx_diffgem.core.backend import (
     DenoisePolicy,
     StepView,
     drain,
-    role_of,
 )
 from mlx_diffgem.core.noise import NoiseSource
+from mlx_diffgem.core.plan import PassPlan
 
 from ._blas import import_mlx
 from .sampling import (
@@ -83,6 +84,22 @@ def _start(
     return drawn if state.canvas is None else mx.array(state.canvas).astype(mx.int32)
 
 
+def narrow(sc: mx.array | None, plan: PassPlan | None) -> mx.array | None:
+    """Self-conditioning cut to a plan's head (a drafter cannot propose the other
+    tokens, so its soft embedding leaves them out)."""
+    rows = None if plan is None else plan.head_vocab
+    if sc is None or rows is None or sc.shape[-1] == rows:
+        return sc
+    return sc[..., :rows]
+
+
+def widen(sc: mx.array | None, vocab: int) -> mx.array | None:
+    """A drafter's self-conditioning filled out to the vocabulary (for the model)."""
+    if sc is None or sc.shape[-1] == vocab:
+        return sc
+    return pad_vocab(sc, vocab, PassPlan.fill)
+
+
 def denoise(
     model,
     state: CanvasState,
@@ -90,9 +107,11 @@ def denoise(
     policy: DenoisePolicy,
     noise: NoiseSource,
     on_step: Callable[[StepView], None] | None = None,
+    plan: PassPlan | None = None,
 ) -> CanvasResult:
-    """Run denoising steps until every row is stable and confident, or N steps."""
-    steps = denoise_steps(model, state, cache, policy, noise, views=on_step is not None)
+    """Run denoising steps until every row is stable and confident, or N steps;
+    every pass under `plan` (a drafter's) when one is given."""
+    steps = denoise_steps(model, state, cache, policy, noise, on_step is not None, plan)
     return drain(steps, on_step)
 
 
@@ -103,29 +122,72 @@ def denoise_steps(
     policy: DenoisePolicy,
     noise: NoiseSource,
     views: bool = False,
+    plan: PassPlan | None = None,
 ) -> Generator[StepView, None, CanvasResult]:
     """`denoise` as a generator: yields the live argmax canvas after each step when
     `views` (one extra host copy per step) and returns the CanvasResult."""
-    B, C = cache.batch_size, model.config.canvas_length
-    V = model.config.vocab_size  # renoise draws: the whole vocabulary
-    pins = _pins(state.fixed)
-    canvas = _pin(pins, _start(model, state, noise, (B, C)))
-    sc, history = state.self_conditioning, state.history
-    argmax = canvas if state.argmax is None else mx.array(state.argmax)
-    finished = mx.array(np.zeros(B, bool) if state.finished is None else state.finished)
-    done = mx.zeros((B,), mx.bool_) if state.done is None else mx.array(state.done)
-    passes = mx.zeros((B,), mx.int32)
-    h_mean = (
-        mx.zeros((B,), mx.float32)
-        if state.mean_entropy is None
-        else mx.array(state.mean_entropy)
-    )
-    any_done, all_done = (False, False) if state.done is None else _flags(done)
-    accepted, entropies, steps = [], [], 0
-    for n in [] if all_done else policy.countdown(state.step):
-        passes = passes + (~(done | finished)).astype(mx.int32)
+    loop = _Loop.start(model, state, cache.batch_size, noise, plan)
+    role = "target" if plan is None else "drafter"
+    for n in [] if loop.all_done else policy.countdown(state.step):
+        loop.step(model, cache, n, policy, noise, plan)
+        if views:
+            yield StepView(loop.steps, np.array(loop.argmax), np.array(loop.done), role)
+        if loop.all_done:
+            break
+    return loop.result(state, model.config.vocab_size)
+
+
+@dataclass
+class _Loop:
+    """One canvas between two passes: its device state and the per-step counters."""
+
+    canvas: mx.array  # [B, C] the next pass's input
+    sc: mx.array | None  # [B, C, V'] the last pass's processed logits
+    history: mx.array | None  # argmax history of the stability test
+    argmax: mx.array  # [B, C]
+    finished: mx.array  # [B] rows finished before this canvas (not counted)
+    done: mx.array  # [B] rows whose stop rule held (frozen from then on)
+    h_mean: mx.array  # [B] mean entropy of the last pass
+    pins: tuple | None  # infill: (pinned mask, ids, holes per row)
+    passes: mx.array  # [B] passes counted per row
+    any_done: bool = False
+    all_done: bool = False
+    steps: int = 0
+    accepted: list = field(default_factory=list)
+    entropies: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, model, state: CanvasState, B: int, noise, plan) -> _Loop:
+        pins = _pins(state.fixed)
+        shape = (B, model.config.canvas_length)
+        canvas = _pin(pins, _start(model, state, noise, shape))
+        fresh = state.done is None
+        loop = cls(
+            canvas=canvas,
+            sc=narrow(state.self_conditioning, plan),
+            history=state.history,
+            argmax=canvas if state.argmax is None else mx.array(state.argmax),
+            finished=mx.array(
+                np.zeros(B, bool) if state.finished is None else state.finished
+            ),
+            done=mx.zeros((B,), mx.bool_) if fresh else mx.array(state.done),
+            h_mean=mx.zeros((B,), mx.float32)
+            if state.mean_entropy is None
+            else mx.array(state.mean_entropy),
+            pins=pins,
+            passes=mx.zeros((B,), mx.int32),
+        )
+        if not fresh:
+            loop.any_done, loop.all_done = _flags(loop.done)
+        return loop
+
+    def step(self, model, cache, n: int, policy: DenoisePolicy, noise, plan) -> None:
+        """One pass at countdown step n (module docstring, 1-5)."""
+        B, C = self.canvas.shape
+        done, pins = self.done, self.pins
+        self.passes = self.passes + (~(done | self.finished)).astype(mx.int32)
         T = mx.array(policy.temperature(n), mx.float32)
-        z = model.decode(canvas, cache, sc) / T  # 1-2
+        z = model.decode(self.canvas, cache, self.sc, plan=plan) / T  # 1-2
         parts = softmax_tail(z)  # one exp pass for the draw and the entropies
         draft = draw_sample(noise, z, parts)
         new_arg = mx.argmax(z, axis=-1).astype(mx.int32)
@@ -133,60 +195,57 @@ def denoise_steps(
         if pins is not None:  # pinned positions: kept, with no entropy to count
             h = mx.where(pins[0], 0.0, h)
         keep = accept_mask(h, policy.entropy_bound)  # 3
+        V = model.config.vocab_size  # renoise draws: the whole vocabulary
         new_canvas = renoise(keep, draft, draw_uniform(noise, "renoise", (B, C), V))
         new_h_mean = _mean_entropy(h, pins)
         new_arg, new_canvas = _pin(pins, new_arg), _pin(pins, new_canvas)
-        if any_done:  # 4: rows that stopped keep their previous state
-            new_arg = mx.where(done[:, None], argmax, new_arg)
-            new_canvas = mx.where(done[:, None], canvas, new_canvas)
-            z = mx.where(done[:, None, None], sc, z)
-            new_h_mean = mx.where(done, h_mean, new_h_mean)
-        stop, history = stop_update(
-            history,
+        if self.any_done:  # 4: rows that stopped keep their previous state
+            new_arg = mx.where(done[:, None], self.argmax, new_arg)
+            new_canvas = mx.where(done[:, None], self.canvas, new_canvas)
+            z = mx.where(done[:, None, None], self.sc, z)
+            new_h_mean = mx.where(done, self.h_mean, new_h_mean)
+        stop, self.history = stop_update(
+            self.history,
             new_arg,
             new_h_mean,
             policy.stability_threshold,
             policy.confidence_threshold,
         )
-        done = done | stop
-        sc, canvas, argmax, h_mean = (
-            z.astype(model.dtype),
-            new_canvas,
-            new_arg,
-            new_h_mean,
+        self.done = done | stop
+        self.sc, self.canvas = z.astype(model.dtype), new_canvas
+        self.argmax, self.h_mean = new_arg, new_h_mean
+        self.accepted.append(keep.sum(axis=-1))
+        self.entropies.append(new_h_mean)
+        status = mx.stack([mx.any(self.done), mx.all(self.done)])  # read with the state
+        state = (self.done, self.canvas, self.sc, self.argmax, self.history)
+        mx.eval(*state, self.passes, self.accepted[-1], self.h_mean, status)
+        self.steps += 1
+        self.any_done, self.all_done = status.tolist()  # 5: evaluated, no extra sync
+
+    def result(self, state: CanvasState, vocab: int) -> CanvasResult:
+        B = self.passes.shape[0]
+        return CanvasResult(
+            tokens=np.array(self.argmax).astype(np.int32),
+            steps=self.steps,
+            passes=np.array(self.passes).astype(np.int64),
+            state=CanvasState(
+                self.canvas,
+                widen(self.sc, vocab),
+                self.history,
+                state.finished,
+                draw_initial=False,
+                step=state.step + self.steps,
+                argmax=self.argmax,
+                done=self.done,
+                mean_entropy=self.h_mean,
+                fixed=state.fixed,
+            ),
+            step_stats={
+                "accepted": _stack(self.accepted, B),  # evaluated
+                "mean_entropy": _stack(self.entropies, B),
+            },
+            done=np.array(self.done),
         )
-        accepted.append(keep.sum(axis=-1))
-        entropies.append(new_h_mean)
-        status = mx.stack([mx.any(done), mx.all(done)])  # read back with the state
-        mx.eval(done, canvas, sc, argmax, history, passes, accepted[-1], h_mean, status)
-        steps += 1
-        if views:
-            yield StepView(steps, np.array(argmax), np.array(done), role_of(model))
-        any_done, all_done = status.tolist()  # 5: already evaluated, no extra sync
-        if all_done:
-            break
-    return CanvasResult(
-        tokens=np.array(argmax).astype(np.int32),
-        steps=steps,
-        passes=np.array(passes).astype(np.int64),
-        state=CanvasState(
-            canvas,
-            sc,
-            history,
-            state.finished,
-            draw_initial=False,
-            step=state.step + steps,
-            argmax=argmax,
-            done=done,
-            mean_entropy=h_mean,
-            fixed=state.fixed,
-        ),
-        step_stats={
-            "accepted": _stack(accepted, B),  # evaluated
-            "mean_entropy": _stack(entropies, B),
-        },
-        done=np.array(done),
-    )
 
 
 def _flags(done: mx.array) -> tuple[bool, bool]:

@@ -15,6 +15,7 @@ import re
 import numpy as np
 
 from mlx_diffgem.core.config import ModelConfig
+from mlx_diffgem.core.plan import PassPlan
 from mlx_diffgem.core.validate import check_pass_sc
 
 from ._blas import import_mlx
@@ -286,7 +287,7 @@ class Model(nn.Module):
         canvas: mx.array,
         cache: Cache,
         self_conditioning: mx.array | None = None,
-        plan=None,
+        plan: PassPlan | None = None,
     ) -> mx.array:
         """One denoiser pass over canvas [B, C]: fp32 softcapped logits [B, C, V]
         ([B, C, head_vocab] under a plan with a sub-vocabulary head).
@@ -297,8 +298,9 @@ class Model(nn.Module):
                 W-1 slots they keep) and bidirectionally to itself.
             self_conditioning: the previous step's processed logits [B, C, V] or None
                 (under a plan with head_vocab, [B, C, head_vocab] also: a drafter's).
-            plan: a `drafter.plan.SelfDraftPlan`: run this pass as a cheap self-drafter
-                (fewer layers and experts, top-k soft embedding, sub-vocabulary head).
+            plan: a `PassPlan` (core/plan.py): run this pass as a drafter made of these
+                weights (fewer layers and experts, top-k soft embedding,
+                sub-vocabulary head, a trained drafter's own layers).
         """
         canvas = mx.array(canvas)
         C = _check_ids(canvas, cache, "canvas")
@@ -321,7 +323,7 @@ class Model(nn.Module):
             h = plan.adapter(h)  # a trained drafter's own layers
         return self._head(self.norm(h), plan)
 
-    def _head(self, h: mx.array, plan=None) -> mx.array:
+    def _head(self, h: mx.array, plan: PassPlan | None = None) -> mx.array:
         """Softcapped fp32 logits over the vocabulary, or over a plan's first
         `head_vocab` ids only (the drafter's sampler then works on that width)."""
         cap = self.config.final_logit_softcapping
@@ -338,7 +340,7 @@ class Model(nn.Module):
             logits = h @ emb.weight[:rows].T
         return mx.tanh(logits.astype(mx.float32) / cap) * cap
 
-    def _soft_embed(self, logits: mx.array, plan=None) -> mx.array:
+    def _soft_embed(self, logits: mx.array, plan: PassPlan | None = None) -> mx.array:
         """softmax(logits) @ E * embed_scale: the expected embedding (spec §3.6);
         a plan with sc_top_k takes the expectation over each position's top k."""
         k = None if plan is None else plan.sc_top_k

@@ -670,9 +670,7 @@ def _spec_ratios(native: dict, spec: dict) -> dict:
 
 
 def _drafter_info(name: str, model: Any) -> dict:
-    d = model.drafter
-    describe = d.describe() if hasattr(d, "describe") else {"kind": type(d).__name__}
-    return {"name": name, **describe}
+    return {"name": name, **model.drafter.plan.describe()}
 
 
 def _released_plan(name: str, cfg: ModelConfig) -> tuple[Any, str]:

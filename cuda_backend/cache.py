@@ -196,11 +196,17 @@ class Cache:
             layer.commit(n)
         self.offset += n
 
-    def decoder_masks(self, n: int) -> tuple[torch.Tensor, Masks]:
+    def decoder_masks(
+        self, n: int, order: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, Masks]:
         """Positions [n] of a canvas after the cache, and its key padding masks.
 
         Without padding the masks are None (plain bidirectional attention).
+        `order`: a hidden layout's [B, n, n] mask (core/layout.py): the n slots are
+        two copies of a canvas at the same positions, attending as it says.
         """
+        if order is not None:
+            return self._layout_masks(torch.as_tensor(order, device=self.device))
         q = torch.arange(self.offset, self.offset + n, device=self.device)
         if not self.has_padding:
             return q, {False: None, True: None}
@@ -210,6 +216,15 @@ class Cache:
             keys = torch.cat([self.valid[:, lo : self.offset], canvas], dim=1)
             masks[sliding] = keys[:, None, None, :]  # [B, 1, 1, keys]
         return q, masks
+
+    def _layout_masks(self, order: torch.Tensor) -> tuple[torch.Tensor, Masks]:
+        B, n, _ = order.shape
+        q = torch.arange(self.offset, self.offset + n // 2, device=self.device)
+        masks = {}
+        for sliding, lo in ((False, 0), (True, self.offset - self.sliding_length)):
+            cached = self.valid[:, None, lo : self.offset].expand(B, n, -1)
+            masks[sliding] = torch.cat([cached, order], dim=2)[:, None]
+        return q.repeat(2), masks
 
     def nbytes(self) -> int:
         """Bytes held by the K/V buffers."""

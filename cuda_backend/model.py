@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlx_diffgem.core.config import ModelConfig
+from mlx_diffgem.core.layout import HiddenLayout
 from mlx_diffgem.core.plan import PassPlan
 from mlx_diffgem.core.validate import check_pass_sc
 
@@ -148,6 +149,8 @@ def decoder_attention(
     kv = k.shape[1]
     fold = FOLD_GQA if FOLD_GQA is not None else q.device.type != "cpu"
     if fold:
+        if mask is not None and mask.shape[2] > 1:  # a layout: one row per query
+            mask = mask.repeat(1, 1, nh // kv, 1)  # folded queries: group-major
         o = F.scaled_dot_product_attention(
             q.reshape(B, kv, nh // kv * S, D), k, v, attn_mask=mask, scale=1.0
         )
@@ -402,7 +405,10 @@ class Model(nn.Module):
         canvas: torch.Tensor,
         sc: torch.Tensor | None,
         plan: PassPlan | None = None,
+        layout: HiddenLayout | None = None,
     ) -> torch.Tensor:
+        if layout is not None:
+            layout.check_pass(canvas.shape, sc is not None)
         scale = self.embed_scale()
         e = self.embed_tokens(canvas) * scale
         if sc is not None:
@@ -431,6 +437,7 @@ class Model(nn.Module):
         cache: Cache,
         self_conditioning: torch.Tensor | None = None,
         plan: PassPlan | None = None,
+        layout: HiddenLayout | None = None,
     ) -> torch.Tensor:
         """Bidirectional pass: canvas [B, C] long -> logits [B, C, V] float32
         ([B, C, head_vocab] under a plan with a sub-vocabulary head, which also
@@ -439,11 +446,18 @@ class Model(nn.Module):
         plan: a `PassPlan` (core/plan.py): run this pass as a drafter made of these
         weights (fewer layers and experts, top-k soft embedding, sub-vocabulary head,
         a trained drafter's own layers).
+        layout: a `HiddenLayout` (core/layout.py): canvas is [B, 2C], query slots
+        then reference slots at the same positions, under the layout's order mask;
+        the logits are the query slots' [B, C, V].
         """
         with self.grad_off():
-            positions, masks = cache.decoder_masks(canvas.shape[1])
-            h = self._decoder_input(canvas, self_conditioning, plan)
+            order = None if layout is None else layout.mask()
+            positions, masks = cache.decoder_masks(canvas.shape[1], order)
+            h = self._decoder_input(canvas, self_conditioning, plan, layout)
             h = self._layers(h, positions, masks, cache, False, plan)
+            if layout is not None:
+                h = h[:, : canvas.shape[1] // 2]  # a layout's logits: the queries'
+
             if plan is not None and plan.adapter is not None:
                 h = plan.adapter(h)  # a trained drafter's own layers
             return self._head(self.norm(h), plan)

@@ -15,6 +15,7 @@ import re
 import numpy as np
 
 from mlx_diffgem.core.config import ModelConfig
+from mlx_diffgem.core.layout import HiddenLayout
 from mlx_diffgem.core.plan import PassPlan
 from mlx_diffgem.core.validate import check_pass_sc
 
@@ -94,7 +95,13 @@ class Attention(nn.Module):
                 np.where(inv > 0, 1.0 / inv, big).astype(np.float32)
             )
 
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
+    def _rope(self, x: mx.array, offset: int, copies: int = 1) -> mx.array:
+        """RoPE at positions offset, offset+1, ...; with `copies`, the sequence is
+        that many copies of a canvas, each at the canvas's positions."""
+        if copies > 1:
+            B, h, S, D = x.shape
+            y = self._rope(x.reshape(B, h, copies, S // copies, D), offset)
+            return y.reshape(B, h, S, D)
         return mx.fast.rope(
             x,
             self.head_dim,
@@ -105,22 +112,23 @@ class Attention(nn.Module):
             freqs=self._periods,
         )
 
-    def project(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array, mx.array]:
-        """q, k, v [B, heads, S, D] of x [B, S, H] at positions offset, offset+1, ..."""
+    def project(self, x: mx.array, offset: int, copies: int = 1) -> tuple:
+        """q, k, v [B, heads, S, D] of x [B, S, H] at positions offset, offset+1, ...
+        (`copies`: x is that many copies of a canvas, each at the same positions)."""
         B, S, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).reshape(B, S, -1, D)
         k0 = self.k_proj(x).reshape(B, S, -1, D)
         # Full layers have no v_proj: V is the raw k_proj output, normed without scale.
         v0 = self.v_proj(x).reshape(B, S, -1, D) if "v_proj" in self else k0
-        q = self._rope(self.q_norm(q).transpose(0, 2, 1, 3), offset)
-        k = self._rope(self.k_norm(k0).transpose(0, 2, 1, 3), offset)
+        q = self._rope(self.q_norm(q).transpose(0, 2, 1, 3), offset, copies)
+        k = self._rope(self.k_norm(k0).transpose(0, 2, 1, 3), offset, copies)
         v = _rms(v0, None, self.eps).transpose(0, 2, 1, 3)
         return q, k, v
 
-    def __call__(self, x, store, offset: int, mask, write: bool) -> mx.array:
+    def __call__(self, x, store, offset: int, mask, write: bool, copies=1) -> mx.array:
         B, S, _ = x.shape
-        q, k, v = self.project(x, offset)
+        q, k, v = self.project(x, offset, copies)
         if write:
             k, v = store.append(k, v)
         elif store.length:
@@ -181,9 +189,12 @@ class DecoderLayer(nn.Module):
         self.encoder_layer_scalar = mx.ones((1,))
 
     def __call__(
-        self, h, store, offset: int, mask, encoder: bool, top_k: int | None = None
+        self, h, store, offset: int, mask, encoder: bool, top_k=None, copies=1
     ) -> mx.array:
-        a = self.self_attn(self.input_layernorm(h), store, offset, mask, write=encoder)
+        """One layer over h [B, S, H]; `top_k` overrides the experts per token (a
+        drafter's plan), `copies` lays the canvas out that many times (a layout)."""
+        x = self.input_layernorm(h)
+        a = self.self_attn(x, store, offset, mask, write=encoder, copies=copies)
         r = h + self.post_attention_layernorm(a)
         h1 = self.post_feedforward_layernorm_1(
             self.mlp(self.pre_feedforward_layernorm(r))
@@ -288,6 +299,7 @@ class Model(nn.Module):
         cache: Cache,
         self_conditioning: mx.array | None = None,
         plan: PassPlan | None = None,
+        layout: HiddenLayout | None = None,
     ) -> mx.array:
         """One denoiser pass over canvas [B, C]: fp32 softcapped logits [B, C, V]
         ([B, C, head_vocab] under a plan with a sub-vocabulary head).
@@ -301,27 +313,41 @@ class Model(nn.Module):
             plan: a `PassPlan` (core/plan.py): run this pass as a drafter made of these
                 weights (fewer layers and experts, top-k soft embedding,
                 sub-vocabulary head, a trained drafter's own layers).
+            layout: a `HiddenLayout` (core/layout.py): canvas is [B, 2C], query slots
+                then reference slots at the same positions, attending under the
+                layout's order mask; the logits are the query slots' [B, C, V].
         """
         canvas = mx.array(canvas)
-        C = _check_ids(canvas, cache, "canvas")
-        sc = self_conditioning
-        if sc is not None:
-            check_pass_sc(sc.shape, canvas.shape, self.config.vocab_size, plan)
+        S = _check_ids(canvas, cache, "canvas")
+        copies = 1 if layout is None else 2
+        h = self._decoder_input(canvas, self_conditioning, plan, layout)
+        if layout is None:
+            masks = self._masks(cache, lambda n, w: _canvas_mask(cache, n, S))
+        else:
+            order = mx.array(layout.mask())
+            masks = self._masks(cache, lambda n, w: _layout_mask(cache, n, order))
         top_k = None if plan is None else plan.top_k
-        e = self.embed_tokens(canvas) * self.embed_scale
-        soft = None if sc is None else self._soft_embed(sc, plan)
-        h = self.self_conditioning(e, soft)
-        masks = self._masks(cache, lambda n, w: _canvas_mask(cache, n, C))
         for i, (layer, store, mask) in enumerate(
             zip(self.layers, cache.layers, masks, strict=True)
         ):
             if plan is None or plan.keeps(i):
-                h = layer(h, store, cache.offset, mask, encoder=False, top_k=top_k)
+                h = layer(h, store, cache.offset, mask, False, top_k, copies)
             else:  # a skipped layer still scales the residual stream
                 h = h * layer.layer_scalar.astype(h.dtype)
+        h = h[:, : S // copies]  # a layout's logits: the query slots'
         if plan is not None and plan.adapter is not None:
             h = plan.adapter(h)  # a trained drafter's own layers
         return self._head(self.norm(h), plan)
+
+    def _decoder_input(self, canvas, sc, plan, layout) -> mx.array:
+        """The embedded canvas, with the previous step's self-conditioning mixed in."""
+        if layout is not None:
+            layout.check_pass(canvas.shape, sc is not None)
+        if sc is not None:
+            check_pass_sc(sc.shape, canvas.shape, self.config.vocab_size, plan)
+        e = self.embed_tokens(canvas) * self.embed_scale
+        soft = None if sc is None else self._soft_embed(sc, plan)
+        return self.self_conditioning(e, soft)
 
     def _head(self, h: mx.array, plan: PassPlan | None = None) -> mx.array:
         """Softcapped fp32 logits over the vocabulary, or over a plan's first
@@ -424,6 +450,17 @@ def _causal_mask(cache: Cache, n_cached: int, S: int, window: int | None, new_pa
     # Padded queries also see themselves: finite rows that no real token reads.
     mask = (mask[None] & pad[:, None, :]) | (j == q)[None]
     return mask[:, None]  # [B, 1, S, K]
+
+
+def _layout_mask(cache: Cache, n_cached: int, order: mx.array) -> mx.array:
+    """A hidden layout's mask [B, 1, 2C, n_cached + 2C]: every slot sees the real
+    cached slots; among the slots, the layout's order mask (core/layout.py)."""
+    B, S, _ = order.shape
+    pad = cache.padding(n_cached)
+    seen = mx.ones((B, S, n_cached), mx.bool_)
+    if pad is not None:
+        seen = seen & pad[:, None, :]
+    return mx.concatenate([seen, order], axis=2)[:, None]
 
 
 def _canvas_mask(cache: Cache, n_cached: int, C: int):

@@ -1,0 +1,147 @@
+"""The hidden-token layout (core/layout.py): one decoder pass over a canvas laid out
+twice that scores every drafted token without showing it to its own query."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import HAS_MLX, HAS_TORCH, needs_mlx, needs_torch
+from test_speculative import _load
+
+import mlx_diffgem as dg
+from mlx_diffgem.core.layout import HiddenLayout
+
+BACKENDS = [
+    pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="no mlx")),
+    pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="no torch")),
+]
+PROMPT = np.asarray([[2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]], np.int32)  # > W
+
+
+def test_layout_mask_rules():
+    rank = np.array([[2, 0, 1, 1]])
+    m = HiddenLayout(rank).mask()[0]
+    q, r = m[:4], m[4:]
+    assert (q[:, :4] == np.eye(4, dtype=bool)).all()  # a query sees itself only
+    assert not np.diagonal(q[:, 4:]).any()  # ... never its own drafted token
+    assert q[0, 4:].tolist() == [False, True, True, True]  # rank 2 sees 0 and 1s
+    assert q[2, 4:].tolist() == [False, True, False, False]  # a group: not its peer
+    assert not r[:, :4].any()  # references never see a query
+    assert r[2, 4:].tolist() == [False, True, True, True]  # rank <= its own
+
+
+def _setup(path, backend, seed=0):
+    target, _ = _load(path, backend)
+    cache = target.new_cache(1)
+    target.encode(PROMPT, cache)
+    C, V = target.config.canvas_length, target.config.vocab_size
+    rng = np.random.default_rng(seed)
+    draft = rng.integers(0, V, (1, C)).astype(np.int32)
+    queries = rng.integers(0, V, (1, C)).astype(np.int32)
+    rank = rng.integers(0, 4, (1, C))  # groups of ties, as a drafter's passes give
+    return target, cache, queries, draft, rank
+
+
+def _hidden(target, cache, queries, draft, rank) -> np.ndarray:
+    ids = np.concatenate([queries, draft], axis=1)
+    if target.backend == "torch":
+        import torch
+
+        ids = torch.as_tensor(ids).long()
+    else:
+        import mlx.core as mx
+
+        ids = mx.array(ids)
+    out = target.model.decode(ids, cache, None, None, HiddenLayout(rank))
+    return dg.to_numpy(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_query_never_sees_its_own_or_a_later_token(tiny_path, backend):
+    """Changing the drafted tokens at positions ranked at or after i leaves query
+    i's logits unchanged; changing an earlier-ranked one changes them."""
+    target, cache, queries, draft, rank = _setup(tiny_path, backend)
+    V = target.config.vocab_size
+    base = _hidden(target, cache, queries, draft, rank)
+    assert base.shape == (1, target.config.canvas_length, V)
+    rng = np.random.default_rng(1)
+    for i in range(draft.shape[1]):
+        later = rank[0] >= rank[0, i]
+        other = draft.copy()
+        other[0, later] = (draft[0, later] + rng.integers(1, V, later.sum())) % V
+        got = _hidden(target, cache, queries, other, rank)
+        np.testing.assert_allclose(got[0, i], base[0, i], atol=1e-5)
+        earlier = np.flatnonzero(~later)
+        if earlier.size:
+            other = draft.copy()
+            other[0, earlier] = (draft[0, earlier] + 1) % V
+            got = _hidden(target, cache, queries, other, rank)
+            assert np.abs(got[0, i] - base[0, i]).max() > 1e-4
+
+
+@needs_torch
+def test_hidden_pass_matches_one_pass_per_query(tiny_path):
+    """torch: the 2C-slot pass against one small pass per query i, over [query i ;
+    the drafted tokens ranked before it] at their own positions."""
+    import torch
+
+    target, cache, queries, draft, rank = _setup(tiny_path, "torch", seed=2)
+    model, C = target.model, target.config.canvas_length
+    got = _hidden(target, cache, queries, draft, rank)[0]
+    for i in range(C):
+        refs = np.flatnonzero(rank[0] < rank[0, i])
+        ids = torch.as_tensor(np.r_[queries[0, i], draft[0, refs]][None]).long()
+        positions = torch.as_tensor(cache.offset + np.r_[i, refs])
+        r = rank[0, refs]
+        n = 1 + refs.size
+        allowed = np.zeros((n, n), bool)
+        allowed[0, :] = True  # the query sees itself and every earlier reference
+        allowed[1:, 1:] = r[None, :] <= r[:, None]
+        masks = {}
+        for sliding, lo in ((False, 0), (True, cache.offset - cache.sliding_length)):
+            keys = np.concatenate([np.ones((n, cache.offset - lo), bool), allowed], 1)
+            masks[sliding] = torch.as_tensor(keys)[None, None]
+        with torch.inference_mode():
+            h = model._decoder_input(ids, None)
+            h = model._layers(h, positions, masks, cache, False)
+            want = dg.to_numpy(model._head(model.norm(h)))[0, 0]
+        np.testing.assert_allclose(got[i], want, atol=1e-5)
+
+
+@needs_mlx
+@needs_torch
+def test_hidden_pass_same_on_both_backends(tiny_path):
+    out = [_hidden(*_setup(tiny_path, b, seed=3)) for b in ("mlx", "torch")]
+    np.testing.assert_allclose(out[0], out[1], atol=1e-4)
+
+
+@needs_torch
+def test_folded_gqa_takes_the_layout_mask(tiny_path, monkeypatch):
+    """On GPUs the decoder folds query groups into the query axis; the layout's
+    per-query mask must fold with them (checked here on the CPU)."""
+    import cuda_backend.model as M
+
+    args = _setup(tiny_path, "torch", seed=4)
+    plain = _hidden(*args)
+    monkeypatch.setattr(M, "FOLD_GQA", True)
+    np.testing.assert_allclose(_hidden(*args), plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_refuses_self_conditioning_and_bad_shapes(tiny_path, backend):
+    target, cache, queries, draft, rank = _setup(tiny_path, backend)
+    with pytest.raises(ValueError, match="hidden layout expects shape"):
+        _hidden(target, cache, queries[:, :4], draft, rank)
+    ids = np.concatenate([queries, draft], axis=1)
+    logits = target.decode(queries, cache)
+    if target.backend == "torch":
+        import torch
+
+        ids = torch.as_tensor(ids).long()
+        sc = torch.cat([logits, logits], 1)
+    else:
+        import mlx.core as mx
+
+        ids, sc = mx.array(ids), mx.concatenate([logits, logits], 1)
+    with pytest.raises(ValueError, match="self_conditioning"):
+        target.model.decode(ids, cache, sc, None, HiddenLayout(rank))

@@ -118,7 +118,7 @@ def evaluate(target, plan, windows, a: DistillArgs) -> dict:
 
 def distill(a: DistillArgs) -> Path:
     from cuda_backend.backend import load
-    from mlx_diffgem.api import default_model_path
+    from mlx_diffgem.core.checkpoint import default_model_path
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)

@@ -19,7 +19,7 @@ _API = {
     "generate": "mlx_diffgem.api",
     "stream_generate": "mlx_diffgem.api",
     "generate_ids": "mlx_diffgem.core.generate",
-    "default_model_path": "mlx_diffgem.api",
+    "default_model_path": "mlx_diffgem.core.checkpoint",
     "to_numpy": "mlx_diffgem.api",
     "SeededNoise": "mlx_diffgem.core.noise",
     "ReplayNoise": "mlx_diffgem.core.noise",

@@ -11,8 +11,8 @@ import numpy as np
 
 from .core.auto import resolve_backend
 from .core.backend import StepView, Target, check_ids, get_backend
-from .core.generate import CanvasEvent, generate_canvases
-from .core.noise import NoiseSource
+from .core.checkpoint import default_model_path
+from .core.generate import CanvasEvent, canvas_loop, make_call
 from .core.speculative import SpecPolicy, SpeculativeModel
 from .core.stats import Response, Stats
 from .core.tokenizer import (
@@ -21,21 +21,7 @@ from .core.tokenizer import (
     format_prompt,
     load_tokenizer,
 )
-from .core.validate import Call, check_call
-
-ASSETS = Path(__file__).parent / "assets"
-
-
-def default_model_path() -> Path:
-    """The embedded default model's folder (a DiffusionGemma trained on the Python
-    standard library; see its README.md), shipped as package data."""
-    path = ASSETS / "default"
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{path}: the embedded model is missing from this install; reinstall "
-            "mlx-diffgem or pass a model path"
-        )
-    return path
+from .core.validate import Call
 
 
 def load(
@@ -146,24 +132,25 @@ def stream_generate(
     *,
     max_tokens: int | None = None,
     seed: int | None = None,
-    noise: NoiseSource | None = None,
     draft: bool = False,
     chat: bool | None = None,
-    cache: Any = None,
-    **generation_overrides: Any,
+    **options: Any,
 ) -> Iterator[Response]:
     """Generate for one prompt, yielding the committed text of each canvas.
 
     Args:
         prompt: text, chat messages ([{"role", "content"}]) or token ids.
         max_tokens: new tokens wanted (rounded up to whole canvases).
-        seed / noise: randomness (see generate_ids: any integer seed, reduced
+        seed: the sampling noise's seed (see generate_ids: any integer, reduced
             modulo 2**64 the same way on both backends).
         draft: also yield a Response after every denoising step with the live canvas
             in `draft` (costs one host copy per step).
         chat: apply the chat template to a text prompt (default: only for messages).
-        cache: a `model.new_cache(1)` kept across calls (multi-turn).
-        **generation_overrides: GenerationConfig fields; autoregressive options raise.
+        **options:
+            noise: a NoiseSource instead of `seed` (e.g. ReplayNoise).
+            cache: a `model.new_cache(1)` kept across calls (multi-turn).
+            GenerationConfig fields (generation overrides); autoregressive options
+                raise.
     Yields:
         Response objects, each canvas as soon as it is committed; the last one has
         `finished=True` and the final stats.
@@ -172,35 +159,27 @@ def stream_generate(
         ValueError: naming the argument, at the call (before anything is encoded
             into `cache`), e.g. for several rows of ids (use generate_ids).
     """
-    _max_tokens(max_tokens, generation_overrides)
+    noise, cache = options.pop("noise", None), options.pop("cache", None)
+    _max_tokens(max_tokens, options)
     vocab = model.config.vocab_size
     # Everything is checked before the first side effect (cache, noise, device).
-    call = check_call(
+    call = make_call(
         model,
         _prompt_ids(tokenizer, prompt, chat, vocab),
         noise=noise,
-        seed_value=seed,
+        seed=seed,
         cache=cache,
-        overrides=generation_overrides,
+        overrides=options,
     )
-    return _stream(model, tokenizer, call, cache, draft)
+    return _stream(model, tokenizer, dataclasses.replace(call, drafts=draft))
 
 
 def _stream(
-    model: Target, tokenizer: Tokenizer | None, call: Call, cache: Any, draft: bool
+    model: Target, tokenizer: Tokenizer | None, call: Call
 ) -> Iterator[Response]:
     gen, stats = call.gen, Stats()
     detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
-    events = generate_canvases(
-        model,
-        call.ids,
-        gen=gen,
-        noise=call.noise,
-        stats=stats,
-        cache=cache,
-        drafts=draft,
-    )
-    for ev in events:
+    for ev in canvas_loop(model, call, stats):
         if isinstance(ev, StepView):
             text = (
                 tokenizer.decode(ev.argmax[0].tolist())

@@ -20,6 +20,7 @@ from fuzz_cases import (
     write_variant,
 )
 
+from mlx_diffgem.core.generate import make_call
 from mlx_diffgem.core.validate import check_call
 
 BACKENDS = [
@@ -63,7 +64,7 @@ def test_option_fuzzer(model):
         keys = c.bad + (["t_min"] if "t_max" in c.bad else [])
 
         def call(opts=opts, seed=seed):
-            check_call(model, IDS, seed_value=seed, overrides=opts)
+            make_call(model, IDS, seed=seed, overrides=opts)
 
         problem = _outcome(call, c.valid, keys)
         if problem:

@@ -145,7 +145,7 @@ def test_distill_lowers_the_drafter_loss(tmp_path):
     """A few steps on the embedded model move the held-out loss down, and the
     folder it writes loads as a drafter."""
     from drafter.distill import DistillArgs, distill
-    from mlx_diffgem.api import default_model_path
+    from mlx_diffgem.core.checkpoint import default_model_path
 
     data = _tiny_corpus(tmp_path / "corpus")
     args = DistillArgs(
@@ -175,7 +175,7 @@ def _tiny_corpus(folder):
     from tokenizers import Tokenizer
 
     from cuda_backend import corpus
-    from mlx_diffgem.api import default_model_path
+    from mlx_diffgem.core.checkpoint import default_model_path
 
     tok = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
     root = corpus.stdlib_root()

@@ -15,6 +15,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "denoised in parallel over several passes; the text streams to stdout "
         "canvas by canvas, the stats go to stderr.",
     )
+    # The order of these calls is the order of the usage line.
+    _model_options(p)
+    _prompt_options(p)
+    _sampler_options(p)
+    _chat_and_draft_options(p)
+    _speculative_options(p)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """Which model, on which backend, device and dtype."""
     p.add_argument(
         "--model", default=None, help="local folder or HF repo id (default: embedded)"
     )
@@ -41,6 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="weights and activations (default: bfloat16 on a GPU, float32 on CPU)",
     )
+
+
+def _prompt_options(p: argparse.ArgumentParser) -> None:
+    """The prompt, how many tokens to write, and the seed."""
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument(
         "--max-tokens",
@@ -56,7 +70,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="seed of the sampling noise (default 0; MLX and torch draw different "
         "numbers from the same seed)",
     )
-    _sampler_options(p)
+
+
+def _chat_and_draft_options(p: argparse.ArgumentParser) -> None:
+    """Chat template or plain text; the live canvas per step."""
     chat = p.add_mutually_exclusive_group()
     chat.add_argument(
         "--chat",
@@ -72,6 +89,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="encode the prompt as plain text (the default for a text prompt)",
     )
     p.add_argument("--draft", action="store_true", help="show the live canvas per step")
+
+
+def _speculative_options(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding: the drafter and its policy (api.load's speculative)."""
     p.add_argument(
         "--drafter",
         default=None,

@@ -47,6 +47,21 @@ Shapes = dict[str, tuple[int, ...]]
 # --------------------------------------------------------------------------------------
 
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # mlx_diffgem/assets
+
+
+def default_model_path() -> Path:
+    """The embedded default model's folder (a DiffusionGemma trained on the Python
+    standard library; see its README.md), shipped as package data."""
+    path = ASSETS / "default"
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{path}: the embedded model is missing from this install; reinstall "
+            "mlx-diffgem or pass a model path"
+        )
+    return path
+
+
 def resolve(
     path_or_repo: str | Path,
     revision: str | None = None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -28,11 +28,9 @@ from .backend import (
     Target,
 )
 from .config import GenerationConfig
-from .noise import NoiseSource
+from .noise import NoiseSource, make_noise
 from .stats import Stats
-from .validate import check_cache, check_call
-
-PREFILL_CHUNK = 512
+from .validate import PREFILL_CHUNK, Call, check_cache, check_call
 
 
 @dataclass
@@ -83,6 +81,74 @@ def _finish(
     return tokens
 
 
+def make_call(
+    model: Target,
+    prompt_ids: Any,
+    *,
+    attention_mask: Any = None,
+    noise: NoiseSource | None = None,
+    seed: int | None = None,
+    cache: Any = None,
+    decoder_input_ids: Any = None,
+    overrides: dict[str, Any] | None = None,
+) -> Call:
+    """The validated Call of a generation request, built once at the public boundary:
+    `validate.check_call`, then the noise source (`noise.make_noise`), in that order,
+    all before the first side effect (nothing is encoded, nothing is drawn)."""
+    call = check_call(
+        model,
+        prompt_ids,
+        attention_mask=attention_mask,
+        cache=cache,
+        decoder_input_ids=decoder_input_ids,
+        overrides=overrides,
+    )
+    return replace(call, noise=make_noise(noise, seed))
+
+
+def canvas_loop(
+    target: Target, call: Call, stats: Stats
+) -> Iterator[CanvasEvent | StepView]:
+    """Run the block loop for `call`; yields one CanvasEvent per committed canvas
+    and, with `call.drafts`, a StepView (live argmax canvas) after every denoising
+    step. Counters go to `stats`."""
+    gen, C = call.gen, target.config.canvas_length
+    cache, ids, mask = _open_cache(target, call)
+    n_canvases = gen.num_canvases(C, cache.offset + ids.shape[1])
+    policy = DenoisePolicy.from_generation(gen)
+
+    # 1. prefill
+    _timed_prefill(target, ids, cache, mask, call.prefill_chunk, stats)
+
+    # 2. canvases
+    t0 = time.perf_counter()
+    finished = np.zeros(call.ids.shape[0], bool)
+    out_len, committed = call.ids.shape[1], None
+    for k in range(n_canvases):
+        if committed is not None:  # 2a
+            target.encode(committed, cache)
+        state = CanvasState(
+            canvas=call.first_canvas if k == 0 else None, finished=finished.copy()
+        )
+        if call.drafts:  # 2b
+            res = yield from target.denoise_steps(state, cache, policy, call.noise)
+        else:
+            res = target.denoise(state, cache, policy, call.noise)
+        out_len += C  # 2c
+        committed, finished = _commit(res.tokens, finished, out_len, gen)
+        _count(stats, committed, res, gen)
+        stats.generation_time = time.perf_counter() - t0
+        stats.peak_memory = max(stats.peak_memory, target.peak_memory())
+        last = bool(finished.all()) or k == n_canvases - 1  # 3
+        if last:
+            _end(stats, cache, committed, finished)
+        # Yielded as soon as committed: a stream shows it before the next canvas.
+        yield CanvasEvent(k, committed, finished.copy(), res, last)
+        if last:
+            return
+    _end(stats, cache, committed, finished)
+
+
 def generate_canvases(
     target: Target,
     prompt_ids: np.ndarray,
@@ -90,71 +156,63 @@ def generate_canvases(
     gen: GenerationConfig,
     noise: NoiseSource,
     stats: Stats,
-    cache: Any = None,
-    attention_mask: np.ndarray | None = None,
-    first_canvas: np.ndarray | None = None,
-    drafts: bool = False,
-    prefill_chunk: int = PREFILL_CHUNK,
+    **options: Any,
 ) -> Iterator[CanvasEvent | StepView]:
-    """Run the block loop; yields one CanvasEvent per committed canvas and, with
-    `drafts`, a StepView (live argmax canvas) after every denoising step."""
-    B, C = prompt_ids.shape[0], target.config.canvas_length
+    """`canvas_loop` from loose, already valid pieces (for callers that build their
+    own GenerationConfig and noise). `options`: the other Call fields (cache,
+    attention_mask, first_canvas, drafts, prefill_chunk)."""
+    call = Call(gen, prompt_ids, noise=noise, **options)
+    return canvas_loop(target, call, stats)
+
+
+def _open_cache(target: Target, call: Call) -> tuple[Any, np.ndarray, Any]:
+    """The cache to fill, and the ids and mask to prefill into it: a kept cache's
+    pending canvas (the last one of the previous call, multi-turn) comes first."""
+    B, cache = call.ids.shape[0], call.cache
     if cache is None:
         cache = target.new_cache(B)
     else:
         check_cache(target, cache, B)
-    ids, mask = prompt_ids, attention_mask
-    if cache.pending is not None:  # the last canvas of the previous call (multi-turn)
+    ids, mask = call.ids, call.attention_mask
+    if cache.pending is not None:
         ids = np.concatenate([cache.pending, ids], axis=1)
         if mask is not None:
             mask = np.concatenate([np.ones_like(cache.pending), mask], axis=1)
         cache.pending = None
-    out_len = prompt_ids.shape[1]
-    n_canvases = gen.num_canvases(C, cache.offset + ids.shape[1])
-    policy = DenoisePolicy.from_generation(gen)
+    return cache, ids, mask
 
-    # 1. prefill
+
+def _timed_prefill(
+    target: Target,
+    ids: np.ndarray,
+    cache: Any,
+    mask: np.ndarray | None,
+    chunk: int,
+    stats: Stats,
+) -> None:
     t0 = time.perf_counter()
-    prefill(target, ids, cache, mask, prefill_chunk)
+    prefill(target, ids, cache, mask, chunk)
     target.sync()
     stats.prompt_tokens += int(ids.size if mask is None else mask.sum())
     stats.prompt_time += time.perf_counter() - t0
 
-    # 2. canvases
-    t0 = time.perf_counter()
-    finished = np.zeros(B, bool)
-    committed = None
-    for k in range(n_canvases):
-        if committed is not None:  # 2a
-            target.encode(committed, cache)
-        state = CanvasState(
-            canvas=first_canvas if k == 0 else None, finished=finished.copy()
-        )
-        if drafts:  # 2b
-            res = yield from target.denoise_steps(state, cache, policy, noise)
-        else:
-            res = target.denoise(state, cache, policy, noise)
-        out_len += C  # 2c
-        now = np.zeros(B, bool)
-        if gen.max_length is not None:
-            now |= out_len >= gen.max_length
-        if gen.eos_token_id:
-            now |= np.isin(res.tokens, gen.eos_token_id).any(axis=1)
-        committed = _finish(res.tokens, finished, now, gen)
-        finished = finished | now
-        _count(stats, committed, res, gen)
-        stats.generation_time = time.perf_counter() - t0
-        stats.peak_memory = max(stats.peak_memory, target.peak_memory())
-        last = bool(finished.all()) or k == n_canvases - 1  # 3
-        if last:
-            stats.finish_reason = "stop" if finished.all() else "length"
-            cache.pending = committed
-        # Yielded as soon as committed: a stream shows it before the next canvas.
-        yield CanvasEvent(k, committed, finished.copy(), res, last)
-        if last:
-            return
+
+def _commit(
+    tokens: np.ndarray, finished: np.ndarray, out_len: int, gen: GenerationConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """A denoised canvas -> (committed tokens, rows finished after it): rows that
+    emit EOS or reach max_length finish now."""
+    now = np.zeros(len(finished), bool)
+    if gen.max_length is not None:
+        now |= out_len >= gen.max_length
+    if gen.eos_token_id:
+        now |= np.isin(tokens, gen.eos_token_id).any(axis=1)
+    return _finish(tokens, finished, now, gen), finished | now
+
+
+def _end(stats: Stats, cache: Any, committed: Any, finished: np.ndarray) -> None:
     stats.finish_reason = "stop" if finished.all() else "length"
-    cache.pending = committed
+    cache.pending = committed  # encoded first by the next call (multi-turn)
 
 
 def count_passes(stats: Stats, res: CanvasResult) -> None:
@@ -191,7 +249,6 @@ def generate_ids(
     *,
     cache: Any = None,
     decoder_input_ids: Any = None,
-    prefill_chunk: int = PREFILL_CHUNK,
     **generation_overrides: Any,
 ) -> tuple[np.ndarray, Stats]:
     """Generate whole canvases from token ids; the reference's `sequences` semantics.
@@ -209,7 +266,8 @@ def generate_ids(
         decoder_input_ids: [B, C] starting canvas of the first canvas (warm start).
         **generation_overrides: GenerationConfig fields (max_new_tokens <= 2**20,
             max_denoising_steps <= 10,000, t_min, ...; see GenerationConfig).
-            Autoregressive-only options raise.
+            Autoregressive-only options raise. Also `prefill_chunk`: prompt tokens
+            per encode pass (default 512; bounds the prefill's peak memory).
 
     Every argument is validated before the first side effect: a call that raises
     leaves `cache` (offset, pending canvas, contents) exactly as it was.
@@ -217,28 +275,18 @@ def generate_ids(
     Returns:
         (sequences [B, P + k*C] int32, Stats)
     """
-    call = check_call(
+    chunk = generation_overrides.pop("prefill_chunk", PREFILL_CHUNK)
+    call = make_call(
         model,
         prompt_ids,
         attention_mask=attention_mask,
         noise=noise,
-        seed_value=seed,
+        seed=seed,
         cache=cache,
         decoder_input_ids=decoder_input_ids,
         overrides=generation_overrides,
     )
-    V.integer(prefill_chunk, "prefill_chunk", lo=1)
+    call = replace(call, prefill_chunk=V.integer(chunk, "prefill_chunk", lo=1))
     stats = Stats()
-    events = generate_canvases(
-        model,
-        call.ids,
-        gen=call.gen,
-        noise=call.noise,
-        stats=stats,
-        cache=cache,
-        attention_mask=call.mask,
-        first_canvas=call.first_canvas,
-        prefill_chunk=prefill_chunk,
-    )
-    canvases = [e.tokens for e in events]
+    canvases = [e.tokens for e in canvas_loop(model, call, stats)]
     return np.concatenate([call.ids, *canvases], axis=1), stats

@@ -91,71 +91,85 @@ def tiny_config_dict(canvas_length: int = 8, **text_overrides: Any) -> dict[str,
     }
 
 
+class _Draws:
+    """Seeded float32 draws, in call order (the order fixes the weights)."""
+
+    def __init__(self, seed: int, std: float):
+        self.rng, self.std = np.random.default_rng(seed), std
+
+    def normal(self, *shape: int, scale: float | None = None) -> np.ndarray:
+        s = self.std if scale is None else scale
+        return (self.rng.standard_normal(shape) * s).astype(np.float32)
+
+    def ones_ish(self, *shape: int) -> np.ndarray:
+        return (1.0 + 0.3 * self.rng.standard_normal(shape)).astype(np.float32)
+
+
+_LAYER_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "post_feedforward_layernorm_1",
+    "pre_feedforward_layernorm_2",
+    "post_feedforward_layernorm_2",
+)
+
+
 def random_weights(
     cfg: ModelConfig, seed: int = 0, std: float = 0.02
 ) -> dict[str, np.ndarray]:
     """Checkpoint tensors (HF names, float32) for `cfg`, seeded."""
-    rng = np.random.default_rng(seed)
-    H, V = cfg.hidden_size, cfg.vocab_size
-    E, Ie, I = cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size
-
-    def normal(*shape: int, scale: float = std) -> np.ndarray:
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    def ones_ish(*shape: int) -> np.ndarray:
-        return (1.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32)
-
+    d = _Draws(seed, std)
+    H, V, I = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
     p = "model.decoder."
     w = {
-        p + "embed_tokens.weight": normal(V, H, scale=0.3),
-        p + "norm.weight": ones_ish(H),
-        p + "self_conditioning.pre_norm.weight": ones_ish(H),
-        p + "self_conditioning.gate_proj.weight": normal(I, H, scale=0.05),
-        p + "self_conditioning.up_proj.weight": normal(I, H, scale=0.05),
-        p + "self_conditioning.down_proj.weight": normal(H, I, scale=0.05),
+        p + "embed_tokens.weight": d.normal(V, H, scale=0.3),
+        p + "norm.weight": d.ones_ish(H),
+        p + "self_conditioning.pre_norm.weight": d.ones_ish(H),
+        p + "self_conditioning.gate_proj.weight": d.normal(I, H, scale=0.05),
+        p + "self_conditioning.up_proj.weight": d.normal(I, H, scale=0.05),
+        p + "self_conditioning.down_proj.weight": d.normal(H, I, scale=0.05),
     }
+    for i in range(cfg.num_hidden_layers):
+        _layer_weights(w, cfg, i, d)
+    return w
+
+
+def _layer_weights(
+    w: dict[str, np.ndarray], cfg: ModelConfig, i: int, d: _Draws
+) -> None:
+    """Layer `i`'s tensors, added to `w` in the order they are drawn."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    E, Ie = cfg.num_experts, cfg.moe_intermediate_size
+    D, kv, nh = cfg.layer_head_dim(i), cfg.layer_kv_heads(i), cfg.num_attention_heads
     # Weights at the init std keep the random stack smooth: with larger ones it is
     # chaotic, and float32 rounding differences between frameworks grow ~50x per
     # self-conditioned step, which makes token-identical replays impossible.
-    lin = std
-    for i in range(cfg.num_hidden_layers):
-        q = f"{p}layers.{i}."
-        D, kv, nh = (
-            cfg.layer_head_dim(i),
-            cfg.layer_kv_heads(i),
-            cfg.num_attention_heads,
-        )
-        for norm in (
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-            "post_feedforward_layernorm_1",
-            "pre_feedforward_layernorm_2",
-            "post_feedforward_layernorm_2",
-        ):
-            w[f"{q}{norm}.weight"] = ones_ish(H)
-        w[q + "layer_scalar"] = np.array([0.5 + 0.1 * i], np.float32)
-        w[q + "self_attn.q_proj.weight"] = normal(nh * D, H, scale=lin)
-        w[q + "self_attn.k_proj.weight"] = normal(kv * D, H, scale=lin)
-        if cfg.layer_types[i] != FULL:
-            w[q + "self_attn.v_proj.weight"] = normal(kv * D, H, scale=lin)
-        w[q + "self_attn.o_proj.weight"] = normal(H, nh * D, scale=lin)
-        # Attention scale is 1.0 on normed q/k: unit-size norms make random scores
-        # so sharp that the stack becomes chaotic (see `lin` above).
-        w[q + "self_attn.q_norm.weight"] = 0.3 * ones_ish(D)
-        w[q + "self_attn.k_norm.weight"] = 0.3 * ones_ish(D)
-        w[q + "mlp.gate_proj.weight"] = normal(I, H, scale=lin)
-        w[q + "mlp.up_proj.weight"] = normal(I, H, scale=lin)
-        w[q + "mlp.down_proj.weight"] = normal(H, I, scale=lin)
-        w[q + "router.proj.weight"] = normal(E, H, scale=1.0)
-        w[q + "router.scale"] = ones_ish(H)
-        w[q + "router.per_expert_scale"] = ones_ish(E)
-        w[q + "experts.gate_up_proj"] = normal(E, 2 * Ie, H, scale=lin)
-        w[q + "experts.down_proj"] = normal(E, H, Ie, scale=lin)
-        enc = f"model.encoder.language_model.layers.{i}.layer_scalar"
-        w[enc] = np.array([0.8 - 0.1 * i], np.float32)
-    return w
+    lin = d.std
+    q = f"model.decoder.layers.{i}."
+    for norm in _LAYER_NORMS:
+        w[f"{q}{norm}.weight"] = d.ones_ish(H)
+    w[q + "layer_scalar"] = np.array([0.5 + 0.1 * i], np.float32)
+    w[q + "self_attn.q_proj.weight"] = d.normal(nh * D, H, scale=lin)
+    w[q + "self_attn.k_proj.weight"] = d.normal(kv * D, H, scale=lin)
+    if cfg.layer_types[i] != FULL:
+        w[q + "self_attn.v_proj.weight"] = d.normal(kv * D, H, scale=lin)
+    w[q + "self_attn.o_proj.weight"] = d.normal(H, nh * D, scale=lin)
+    # Attention scale is 1.0 on normed q/k: unit-size norms make random scores
+    # so sharp that the stack becomes chaotic (see `lin` above).
+    w[q + "self_attn.q_norm.weight"] = 0.3 * d.ones_ish(D)
+    w[q + "self_attn.k_norm.weight"] = 0.3 * d.ones_ish(D)
+    w[q + "mlp.gate_proj.weight"] = d.normal(I, H, scale=lin)
+    w[q + "mlp.up_proj.weight"] = d.normal(I, H, scale=lin)
+    w[q + "mlp.down_proj.weight"] = d.normal(H, I, scale=lin)
+    w[q + "router.proj.weight"] = d.normal(E, H, scale=1.0)
+    w[q + "router.scale"] = d.ones_ish(H)
+    w[q + "router.per_expert_scale"] = d.ones_ish(E)
+    w[q + "experts.gate_up_proj"] = d.normal(E, 2 * Ie, H, scale=lin)
+    w[q + "experts.down_proj"] = d.normal(E, H, Ie, scale=lin)
+    enc = f"model.encoder.language_model.layers.{i}.layer_scalar"
+    w[enc] = np.array([0.8 - 0.1 * i], np.float32)
 
 
 def build_tiny_checkpoint(

@@ -7,7 +7,9 @@ option, key or file, the value, and what was expected.
 
 `check_call` validates a whole generation call before its first side effect, so a
 call that is going to fail leaves a kept cache, the noise source and the device
-generator exactly as they were.
+generator exactly as they were. It does not build the noise source: `core.noise`
+depends on this module (for the seed), never the other way; its caller
+(`core.generate.make_call`) adds the source, still before any side effect.
 """
 
 from __future__ import annotations
@@ -232,15 +234,23 @@ def check_mask(
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Call:
-    """The validated pieces of a generation call."""
+# Prompt tokens per encode pass of the prefill (bounds its peak memory).
+PREFILL_CHUNK = 512
 
-    gen: Any  # GenerationConfig
-    ids: np.ndarray
-    mask: np.ndarray | None
-    first_canvas: np.ndarray | None
-    noise: Any  # NoiseSource
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """A validated generation call: what the block loop needs, built once at the
+    public boundary (`core.generate.make_call`) and passed down unchanged."""
+
+    gen: Any  # GenerationConfig, with the call's overrides
+    ids: np.ndarray  # [B, P] int32 prompt ids
+    attention_mask: np.ndarray | None = None  # [B, P]: 1 token, 0 left padding
+    first_canvas: np.ndarray | None = None  # [B, C] warm start of the first canvas
+    noise: Any = None  # NoiseSource (added by make_call)
+    cache: Any = None  # a cache kept across calls (multi-turn); None: a fresh one
+    drafts: bool = False  # also yield a StepView after every denoising step
+    prefill_chunk: int = PREFILL_CHUNK
 
 
 def check_call(
@@ -248,15 +258,12 @@ def check_call(
     prompt_ids: Any,
     *,
     attention_mask: Any = None,
-    noise: Any = None,
-    seed_value: Any = None,
     cache: Any = None,
     decoder_input_ids: Any = None,
     overrides: dict[str, Any] | None = None,
 ) -> Call:
-    """Validate every argument of a generation call; nothing is touched yet."""
-    from .noise import make_noise
-
+    """Validate every argument of a generation call but the randomness (noise, seed:
+    `core.generate.make_call` adds the noise source); nothing is touched yet."""
     gen = target.generation_config.update(source="generate", **(overrides or {}))
     gen.check_vocab(target.config.vocab_size, "generate")
     ids = check_ids(prompt_ids, target.config.vocab_size)
@@ -273,7 +280,7 @@ def check_call(
             )
     if cache is not None:
         check_cache(target, cache, ids.shape[0])
-    return Call(gen, ids, mask, first, make_noise(noise, seed_value))
+    return Call(gen, ids, mask, first, cache=cache)
 
 
 def check_cache(target: Any, cache: Any, batch_size: int) -> None:

@@ -34,7 +34,7 @@ from mlx_diffgem.core import checkpoint
 from mlx_diffgem.core.config import FULL, RELEASE_GENERATION, SLIDING, ModelConfig
 from mlx_diffgem.core.tiny import build_tiny_checkpoint, tiny_config_dict
 
-from .cost import RELEASED_TEXT
+from .pass_cost import RELEASED_TEXT
 
 BENCH_GENERATION = {**RELEASE_GENERATION, "pad_token_id": 0}
 

@@ -52,6 +52,11 @@ class Device:
             bw = self.measured_bandwidth_gbs or bw
         return flops.value * 1e12, bw.value * 1e9
 
+    def bases(self) -> list[str]:
+        """The bases with figures of their own: peak, and measured where known."""
+        measured = self.measured_bandwidth_gbs or self.measured_matmul_tflops
+        return ["peak", "measured"] if measured else ["peak"]
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("aliases")

@@ -160,10 +160,11 @@ def step_floor(
     quantization: str | None,
     device: Any,
 ) -> dict[str, Any] | None:
-    """The roofline floor of one decoder step on `device` (bench.cost), in ms."""
+    """The roofline floor of one decoder step on `device` (bench.roofline), in ms."""
     if device is None:
         return None
-    from .cost import decoder_cost, floor
+    from .pass_cost import decoder_cost
+    from .roofline import floor
 
     cost = decoder_cost(
         cfg, context, batch=batch, quant=QUANT_FOR_COST.get(quantization, "bf16")

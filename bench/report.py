@@ -23,8 +23,8 @@ from pathlib import Path
 SCHEMA = "mlx-diffgem-bench/1"  # == bench.record.SCHEMA (kept import-free)
 START, END = "<!-- report:start -->", "<!-- report:end -->"
 DASH = "–"
-# The suites this report renders (bench.backends and bench.serve_bench records share
-# the schema but have their own summaries).
+# The suites this report renders (bench.backends, bench.serve_bench and the hygiene
+# suite's records share the schema but have their own summaries).
 REPORTED = ("step", "prefill", "generate", "peers", "spec", "spec-cost")
 
 
@@ -309,9 +309,9 @@ def spec_table(records: list[dict]) -> str:
 
 def _flop_speedup(rec: dict) -> str:
     """The speedup the record's pass counts allow if a drafter pass cost its FLOP
-    ratio of a target pass (bench.cost.pass_speedup); a trained drafter's own layers
-    are not in the cost model, so none for it."""
-    from .cost import pass_speedup
+    ratio of a target pass (bench.drafter_cost.pass_speedup); a trained drafter's own
+    layers are not in the cost model, so none for it."""
+    from .drafter_cost import pass_speedup
 
     here = (rec.get("cost") or {}).get("this_model")
     if not here or "note" in rec["cost"]:

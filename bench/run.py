@@ -7,8 +7,10 @@
     python -m bench.run spec --backend mlx --drafter self --drafter target \\
         --prompts 6 --max-tokens 128 --repeats 3
     python -m bench.run spec-cost --backend torch --preset mid --context 512
+    python -m bench.run hygiene --backend mlx --preset mid --context 64,512,2048
 
-Suites: step | prefill | generate | peers | spec | spec-cost. The weights are random
+Suites: step | prefill | generate | peers | spec | spec-cost | hygiene (in
+bench/suites.py, bench/spec_suites.py, bench/step_hygiene.py). The weights are random
 (presets tiny | mid | released, built on first use into $DIFFGEM_HOME/bench), except
 for `spec`, which runs the trained default model (or --model) on held-out prompts and
 writes one record per --drafter. The last stdout line is a JSON summary with the
@@ -24,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-SUITES = ("step", "prefill", "generate", "peers", "spec", "spec-cost")
+SUITES = ("step", "prefill", "generate", "peers", "spec", "spec-cost", "hygiene")
 SPEC_SUITES = ("spec", "spec-cost")
 DEFAULT_REPEATS = {"spec": 3}  # others: 5
 PRESETS = ("tiny", "mid", "released")
@@ -48,6 +50,15 @@ def int_list(text: str) -> list[int]:
 def _parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("suite", choices=SUITES)
+    _model_args(p)
+    _shape_args(p)
+    _spec_args(p)
+    _run_args(p)
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """What runs: backend, preset, device, precision, weights, compilation."""
     p.add_argument("--backend", default="mlx", choices=["mlx", "torch"])
     p.add_argument(
         "--preset", default=None, choices=PRESETS, help="default tiny (not for spec)"
@@ -70,6 +81,10 @@ def _parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
         metavar="MODE",
         help="torch backend: torch.compile the step (the warmup repeats compile)",
     )
+
+
+def _shape_args(p: argparse.ArgumentParser) -> None:
+    """What is measured: contexts, canvas, batch, steps, repeats, peers."""
     p.add_argument("--context", type=int_list, default=[512], help="e.g. 64,512,2048")
     p.add_argument("--canvas", type=int, default=None, help="canvas length override")
     p.add_argument("--batch", type=int, default=1)
@@ -100,6 +115,10 @@ def _parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
         help="peers: transformers,mlx_vlm (default: transformers for torch, "
         "mlx_vlm for mlx)",
     )
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    """The spec suites' drafters, model, prompts and SpecPolicy."""
     p.add_argument(
         "--drafter",
         action="append",
@@ -127,13 +146,16 @@ def _parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
         default=None,
         help="SpecPolicy",
     )
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """How it runs: prefill chunk, seed, threads, rates, folders."""
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (BLAS/torch)")
     p.add_argument("--measure", action="store_true", help="measure matmul/bandwidth")
     p.add_argument("--checkpoint-dir", default=None, help="default $DIFFGEM_HOME/bench")
     p.add_argument("--out", default="bench/results", help="folder of the JSON record")
-    return p
 
 
 def _defaults(args: argparse.Namespace) -> None:
@@ -181,6 +203,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--repeats, --batch and --canvases must be >= 1, --warmup >= 0")
     if args.suite == "peers" and args.batch != 1:
         p.error("peers: batch 1 only (mlx-vlm's loop runs one row)")
+    if args.suite == "hygiene" and args.backend != "mlx":
+        p.error("hygiene: MLX backend only (it counts MLX host syncs)")
     if args.peers and not set(args.peers) <= {"transformers", "mlx_vlm"}:
         p.error(f"--peers: expected transformers and/or mlx_vlm, got {args.peers}")
     if args.device and args.backend != "torch":
@@ -210,17 +234,17 @@ def run(args: argparse.Namespace) -> dict | list[dict]:
     not write them). `args` must have passed the parser's checks (`_check`)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from . import suites
-
     _defaults(args)
     if args.threads is not None and (args.backend == "torch" or args.suite == "peers"):
         _torch_threads(args.threads)
     if args.suite == "spec":
-        recs = suites.spec(args)
+        from . import spec_suites
+
+        recs = spec_suites.spec(args)
         for rec in recs:
             rec["summary"] = summary(rec)
         return recs
-    return _record(suites, args)
+    return _record(args)
 
 
 def _torch_threads(n: int) -> None:
@@ -231,8 +255,8 @@ def _torch_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _record(suites, args: argparse.Namespace) -> dict:
-    from . import record
+def _record(args: argparse.Namespace) -> dict:
+    from . import record, suites
 
     s = suites.setup(args)
     rec = record.envelope(args.suite, s.accelerator, _blas())
@@ -246,23 +270,36 @@ def _record(suites, args: argparse.Namespace) -> dict:
         settings=_settings(args),
         measured_machine=s.measured,
     )
-    peers: list = []
-    if args.suite == "peers":
-        peers, rec["peers"] = suites.load_peers(s, args)
-    # step and peers interleave the contexts inside the suite
-    if args.suite == "step":
-        rec["results"] = suites.step_points(s, args)
-    elif args.suite == "peers":
-        rec["results"] = suites.peers_points(s, args, peers)
-    elif args.suite == "spec-cost":
-        rec["results"] = suites.spec_cost_points(s, args)
-        rec["released"] = suites.spec_cost_released(args)
-    else:
-        point = {"prefill": suites.prefill_point, "generate": suites.generate_point}
-        rec["results"] = [point[args.suite](s, args, n) for n in args.context]
+    rec.update(_results(s, args))
     rec["machine"]["loadavg_after"] = list(os.getloadavg())
     rec["summary"] = summary(rec)
     return rec
+
+
+def _results(s, args: argparse.Namespace) -> dict:
+    """The suite's `results` (a point per context) and the entries that go with
+    them. step and peers interleave the contexts inside the suite."""
+    from . import suites
+
+    if args.suite == "step":
+        return {"results": suites.step_points(s, args)}
+    if args.suite == "peers":
+        peers, info = suites.load_peers(s, args)
+        return {"peers": info, "results": suites.peers_points(s, args, peers)}
+    if args.suite == "spec-cost":
+        from . import spec_suites
+
+        return {
+            "results": spec_suites.spec_cost_points(s, args),
+            "released": spec_suites.spec_cost_released(args),
+        }
+    if args.suite == "hygiene":
+        from . import step_hygiene
+
+        points = step_hygiene.hygiene_points(s, args)
+        return {"results": points, "checks": step_hygiene.checks(points)}
+    point = {"prefill": suites.prefill_point, "generate": suites.generate_point}
+    return {"results": [point[args.suite](s, args, n) for n in args.context]}
 
 
 def _blas() -> list[str]:
@@ -287,6 +324,12 @@ PROTOCOL = {
     "(Model.decode(..., plan=)), on the same random canvas, cache and "
     "self-conditioning logits; each pass timed to a device sync; measured ratio = "
     "median drafter pass / median target pass; paired = per-repeat mean ratios",
+    "hygiene": "prefill each context once; one decoder pass under CopyProbe (bytes "
+    "through mx.concatenate and mx.array.__setitem__, cache buffers whose data "
+    "pointer moved); canvases of S/2 and S steps (never confident) under "
+    "SyncCounter, per step = the difference over S - S/2 (a host sync: eval, "
+    "synchronize, or a read of an array not evaluated before); the cache compared "
+    "before and after (bench/step_hygiene.py); untimed: no repeats",
 }
 
 
@@ -316,13 +359,16 @@ def summary(rec: dict) -> dict:
         "spec-cost": lambda r: {
             k: v["measured_ratio"] for k, v in r["drafters"].items()
         },
+        "hygiene": lambda r: r["syncs_per_step"]["host_syncs"],
     }[rec["suite"]]
     unit = {
         "step": "ms_per_step",
         "prefill": "tokens_per_s",
         "generate": "tokens_per_s",
         "spec-cost": "drafter_over_target_pass",
+        "hygiene": "host_syncs_per_step",
     }
+    checks = {"checks": rec["checks"]} if "checks" in rec else {}
     return {
         "suite": rec["suite"],
         "backend": rec["backend"]
@@ -332,7 +378,7 @@ def summary(rec: dict) -> dict:
         unit.get(rec["suite"], "ratio_ours_over_peer"): {
             str(r["context"]): head(r) for r in rec["results"]
         },
-    }
+    } | checks
 
 
 def _spec_summary(rec: dict) -> dict:
@@ -406,12 +452,24 @@ def _table(rec: dict) -> str:
                 f"step {s['median']:.3f} ms (p10 {s['p10']:.3f}, p90 {s['p90']:.3f})"
             ]
             parts.append(f"decode {r['decode_ms']['median']:.3f} ms")
+        elif rec["suite"] == "hygiene":
+            parts = _hygiene_parts(r)
         else:
             parts = [f"{r['tokens_per_s']:.1f} tok/s"]
         pct = r.get("pct_of_floor")
         parts += [f"{pct:.1f}% of floor"] if pct is not None else []
         lines.append(f"context {r['context']}: " + ", ".join(parts))
     return "\n".join(lines)
+
+
+def _hygiene_parts(r: dict) -> list[str]:
+    syncs, copies = r["syncs_per_step"], r["copies_per_pass"]
+    return [
+        f"{syncs['host_syncs']:g} host syncs per step ({syncs['evals']:g} evals)",
+        f"{copies['written_bytes'] / 1024:.1f} KiB written per decoder pass",
+        f"{copies['moved_buffers']} cache buffers moved",
+        "cache untouched" if r["cache_untouched"] else "cache CHANGED",
+    ]
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m bench.run") -> int:

@@ -7,12 +7,17 @@ import pytest
 from conftest import HAS_MLX, HAS_TORCH
 
 from bench import cost, report, run
+from bench.drafter_cost import self_draft_cost, self_draft_plan
+from bench.hardware import get_device
+from bench.pass_cost import decoder_cost, encoder_cost, load_preset
+from bench.projection import ProjectedModel, project_speculative
+from bench.roofline import floor
 from drafter.plan import SelfDraftPlan
 from mlx_diffgem.core.config import FULL, ModelConfig
 from mlx_diffgem.core.tiny import tiny_config_dict
 
 BACKENDS = [b for b, ok in (("torch", HAS_TORCH), ("mlx", HAS_MLX)) if ok]
-RELEASED = cost.load_preset("diffusiongemma-26b-a4b")
+RELEASED = load_preset("diffusiongemma-26b-a4b")
 
 # A short spec run: 2 held-out prompts, one 64-token canvas, at most 4 target passes.
 SPEC_ARGS = [
@@ -159,7 +164,7 @@ def test_spec_cost_record(tmp_path, backend):
 
 
 def test_parse_paired_counts_and_interval():
-    from bench.suites import SpecRun, parse_paired
+    from bench.spec_suites import SpecRun, parse_paired
 
     def runs(outcomes):
         return [SpecRun(i, 0, None, [], "", ok, 1.0) for i, ok in enumerate(outcomes)]
@@ -205,20 +210,20 @@ def _uniform(layers: int = 6) -> ModelConfig:
 
 @pytest.mark.parametrize("cfg", [RELEASED, _uniform()], ids=["released", "uniform"])
 def test_a_plan_without_cuts_costs_a_target_step(cfg):
-    plain = cost.decoder_cost(cfg, 512)
-    full = cost.decoder_cost(cfg, 512, plan=SelfDraftPlan())
+    plain = decoder_cost(cfg, 512)
+    full = decoder_cost(cfg, 512, plan=SelfDraftPlan())
     assert full.flops == plain.flops and full.bytes == plain.bytes
-    rep = cost.self_draft_cost(cfg, SelfDraftPlan(), devices=[cost.get_device("H100")])
+    rep = self_draft_cost(cfg, SelfDraftPlan(), devices=[get_device("H100")])
     assert rep["flops_ratio"] == rep["bytes_ratio"] == 1.0
     assert rep["floor_ratio"]["H100 SXM"] == pytest.approx(1.0)
-    assert cost.self_draft_plan(cfg, "target") == SelfDraftPlan()
+    assert self_draft_plan(cfg, "target") == SelfDraftPlan()
 
 
 def test_kept_layers_scale_the_layer_costs_proportionally():
     cfg = _uniform(6)
-    full = cost.decoder_cost(cfg, 100)
+    full = decoder_cost(cfg, 100)
     for n in (1, 2, 3, 6):
-        d = cost.decoder_cost(cfg, 100, plan=SelfDraftPlan(layers=tuple(range(n))))
+        d = decoder_cost(cfg, 100, plan=SelfDraftPlan(layers=tuple(range(n))))
         for part in ("layers", "attention"):
             assert d.flops[part] == pytest.approx(full.flops[part] * n / 6)
         assert d.bytes["kv_read"] == pytest.approx(full.bytes["kv_read"] * n / 6)
@@ -226,7 +231,7 @@ def test_kept_layers_scale_the_layer_costs_proportionally():
         per_layer = (full.flops["layers"] + full.flops["attention"]) / 6
         assert d.total_flops == pytest.approx(fixed + n * per_layer)
     ratios = [
-        cost.self_draft_cost(cfg, SelfDraftPlan(layers=tuple(range(n))))["flops_ratio"]
+        self_draft_cost(cfg, SelfDraftPlan(layers=tuple(range(n))))["flops_ratio"]
         for n in range(1, 7)
     ]
     assert ratios == sorted(ratios) and ratios[-1] == pytest.approx(1.0)
@@ -235,39 +240,41 @@ def test_kept_layers_scale_the_layer_costs_proportionally():
 def test_each_cut_shrinks_its_own_part():
     cfg = RELEASED
     T, H, V = cfg.canvas_length, cfg.hidden_size, cfg.vocab_size
-    full = cost.decoder_cost(cfg, 512)
-    head = cost.decoder_cost(cfg, 512, plan=SelfDraftPlan(head_vocab=1024))
+    full = decoder_cost(cfg, 512)
+    head = decoder_cost(cfg, 512, plan=SelfDraftPlan(head_vocab=1024))
     assert head.flops["lm_head"] == 2.0 * T * 1024 * H
     assert head.bytes["weights"] < full.bytes["weights"]
     # the drafter's sampler works at its head's width
     assert head.bytes["sampler"] == full.bytes["sampler"] * 1024 / V
-    soft = cost.decoder_cost(cfg, 512, plan=SelfDraftPlan(sc_top_k=32))
+    soft = decoder_cost(cfg, 512, plan=SelfDraftPlan(sc_top_k=32))
     assert soft.flops["soft_embedding"] == 2.0 * T * 32 * H
     assert full.flops["soft_embedding"] == 2.0 * T * V * H
     assert soft.bytes["embedding_reread"] < full.bytes["embedding_reread"]
-    experts = cost.decoder_cost(cfg, 512, plan=SelfDraftPlan(top_k=4))
+    experts = decoder_cost(cfg, 512, plan=SelfDraftPlan(top_k=4))
     assert experts.flops["layers"] < full.flops["layers"]
     assert experts.experts_hit_per_layer < full.experts_hit_per_layer
     for d in (head, soft, experts):  # untouched parts stay as they were
         assert d.flops["attention"] == full.flops["attention"]
     for d in (soft, experts):
         assert d.bytes["sampler"] == full.bytes["sampler"]
-    auto = cost.self_draft_cost(cfg)
+    auto = self_draft_cost(cfg)
     assert auto["plan"] == SelfDraftPlan.auto(cfg).to_dict()
     assert 0 < auto["flops_ratio"] < 1 and 0 < auto["bytes_ratio"] < 1
 
 
 def test_projection_follows_the_pass_counts():
-    same = cost.project_speculative(30, 30, 0, drafter_cost=0.5)
+    same = project_speculative(30, 30, 0, drafter_cost=0.5)
     for dev in same["devices"].values():
         assert dev["floor"]["peak"]["speedup"] == pytest.approx(1.0)
-    proj = cost.project_speculative(30, 10, 10, drafter_cost=0.5, quant="bf16")
+    proj = project_speculative(
+        30, 10, 10, drafter_cost=0.5, model=ProjectedModel(quant="bf16")
+    )
     m5 = proj["devices"]["M5 Max"]
     peak = m5["floor"]["peak"]
-    dec = cost.decoder_cost(RELEASED, 512)
-    enc = cost.encoder_cost(RELEASED, RELEASED.canvas_length, 512)
-    step = cost.floor(dec, cost.get_device("M5 Max")).floor_s
-    commit = cost.floor(enc, cost.get_device("M5 Max")).floor_s
+    dec = decoder_cost(RELEASED, 512)
+    enc = encoder_cost(RELEASED, RELEASED.canvas_length, 512)
+    step = floor(dec, get_device("M5 Max")).floor_s
+    commit = floor(enc, get_device("M5 Max")).floor_s
     assert peak["speedup"] == pytest.approx((30 * step + commit) / (15 * step + commit))
     assert peak["native_tokens_per_s"] == pytest.approx(256 / (30 * step + commit))
     assert {p["quant"] for p in m5["published"]} == {"MXFP4", "MXFP8"}
@@ -277,7 +284,7 @@ def test_projection_follows_the_pass_counts():
         )
         assert p["autoregressive_tokens_per_s"] == 81.0 and "anchors.md" in p["source"]
     # without a given cost, each device charges the plan's own floor
-    auto = cost.project_speculative(30, 10, 10)
+    auto = project_speculative(30, 10, 10)
     assert 0 < auto["devices"]["M1 Ultra"]["floor"]["peak"]["drafter_cost"] < 1
     assert auto["drafter_plan"] == SelfDraftPlan.auto(RELEASED).to_dict()
     assert "M4 Max" in auto["devices"] and not auto["devices"]["M4 Max"]["published"]

@@ -1,4 +1,5 @@
-"""bench.cost and bench.hardware against hand-computed figures (spec §2.5, §5)."""
+"""The cost model against hand-computed figures (spec §2.5, §5): bench.pass_cost,
+bench.roofline, bench.projection, bench.hardware and the `python -m bench.cost` CLI."""
 
 import json
 import subprocess
@@ -6,23 +7,22 @@ import sys
 
 import pytest
 
-from bench.cost import (
+from bench.drafter_cost import pass_speedup
+from bench.hardware import DEVICES, get_device, measure_this_machine
+from bench.pass_cost import (
     QUANTS,
     Matrix,
-    Schedule,
     decoder_cost,
     encoder_cost,
-    estimate,
     expected_experts_hit,
     get_quant,
     kv_bytes_per_token,
     layer_weights,
     load_preset,
-    multi_canvas,
-    multi_canvas_regimes,
     param_counts,
 )
-from bench.hardware import DEVICES, get_device, measure_this_machine
+from bench.projection import multi_canvas, multi_canvas_regimes
+from bench.roofline import Schedule, estimate
 
 MiB = 2**20
 
@@ -286,7 +286,8 @@ def test_multi_canvas_regimes_and_cli(cfg):
 
 def test_imports_neither_mlx_nor_torch():
     code = (
-        "import sys, bench.cost, bench.hardware; "
+        "import sys, bench.cost, bench.pass_cost, bench.roofline, bench.hardware, "
+        "bench.drafter_cost, bench.projection; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'torch')))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -305,8 +306,6 @@ def test_measure_this_machine():
 
 
 def test_pass_speedup_charges_drafter_passes_at_their_cost():
-    from bench.cost import pass_speedup
-
     assert pass_speedup(23.0, 2.0, 16.0, 0.5) == pytest.approx(23.0 / 10.0)
     # a free drafter: only the target's own passes count
     assert pass_speedup(24.0, 2.0, 16.0, 0.0) == pytest.approx(12.0)

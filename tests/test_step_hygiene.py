@@ -1,9 +1,12 @@
 """Step hygiene of the MLX denoise loop: host syncs per step, the decoder's cache use.
 
-The counting method lives in bench/step_hygiene.py (SyncCounter, copies_per_pass).
+The counting method lives in bench/step_hygiene.py (SyncCounter, copies_per_pass),
+which is also the `hygiene` suite of bench.run.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -117,25 +120,39 @@ def test_pending_decodes_do_not_see_each_other(hy, target, cache):
 
 def test_decoder_does_not_copy_the_cached_prefix(hy, target):
     mx = hy.mx
-    ours = hy.Ours(target, 0)
     sc = mx.zeros((1, 8, target.config.vocab_size))
     written = []
     for n in (13, 300):
         cache = _prefilled(target, n)
-        res = hy.copies_per_pass(ours.decode(cache, sc), ours.buffers(cache))
+        decode = hy.decode_pass(target, cache, sc)
+        res = hy.copies_per_pass(decode, hy.cache_buffers(cache))
         assert res["moved_buffers"] == 0, res
         written.append(res["written_bytes"])
     assert written[0] == written[1], written
 
 
-@pytest.mark.slow
-def test_bench_writes_a_record(hy, tmp_path):
-    out = tmp_path / "rec.json"
-    argv = ["--shape", "tiny", "--contexts", "16,40", "--steps", "6", "--repeats", "1"]
-    assert hy.main([*argv, "--decode-reps", "2", "--json-out", str(out)]) == 0
-    import json
+def test_hygiene_suite_writes_a_record(tmp_path, capsys):
+    from bench import run
 
-    rec = json.loads(out.read_text())
-    assert {"machine", "versions", "git", "config_hash", "settings"} <= set(rec)
-    assert [e["context"] for e in rec["contexts"]] == [16, 40]
-    assert rec["checks"]["one_eval_per_step"] and rec["checks"]["cache_untouched"]
+    out = tmp_path / "results"
+    argv = ["hygiene", "--backend", "mlx", "--preset", "tiny", "--context", "13,40"]
+    argv += ["--steps", "6", "--out", str(out), "--checkpoint-dir", str(tmp_path)]
+    assert run.main(argv) == 0
+    (path,) = out.glob("hygiene-mlx-tiny-*.json")
+    rec = json.loads(path.read_text())
+    assert {"machine", "versions", "git", "model", "settings"} <= set(rec)
+    assert [p["context"] for p in rec["results"]] == [13, 40]
+    for p in rec["results"]:
+        assert p["syncs_per_step"]["canvas_steps"] == 6
+        assert p["copies_per_pass"]["moved_buffers"] == 0
+    assert all(rec["checks"].values()), rec["checks"]
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["host_syncs_per_step"] == {"13": 1.0, "40": 1.0}
+
+
+def test_hygiene_suite_is_mlx_only(capsys):
+    from bench import run
+
+    with pytest.raises(SystemExit):
+        run.main(["hygiene", "--backend", "torch"])
+    assert "MLX backend only" in capsys.readouterr().err

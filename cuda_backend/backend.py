@@ -27,6 +27,7 @@ from mlx_diffgem.core.backend import (
 )
 from mlx_diffgem.core.config import GenerationConfig, ModelConfig
 from mlx_diffgem.core.errors import CheckpointError
+from mlx_diffgem.core.layout import HiddenLayout, check_hidden
 from mlx_diffgem.core.noise import NoiseSource
 from mlx_diffgem.core.plan import PassPlan
 
@@ -101,15 +102,24 @@ class TorchTarget:
         self.model.encode(torch.as_tensor(ids, device=self.device).long(), cache, mask)
 
     def decode(
-        self, canvas_ids: Any, cache: Cache, self_conditioning: Any = None
+        self,
+        canvas_ids: Any,
+        cache: Cache,
+        self_conditioning: Any = None,
+        layout: HiddenLayout | None = None,
     ) -> torch.Tensor:
         """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits
         ([B, C, head_vocab] for a planned view with a sub-vocabulary head).
 
         canvas_ids: [B, C] (numpy or torch) with C the model's canvas_length;
-        self_conditioning: [B, C, V] logits (numpy or torch) or None.
+        self_conditioning: [B, C, V] logits (numpy or torch) or None;
+        layout: a HiddenLayout (core/layout.py): canvas_ids are [B, 2C], query
+        slots then reference slots, and the logits are the query slots' [B, C, V].
         """
-        shape = check_decode(self, canvas_ids, cache, self_conditioning)
+        if layout is None:
+            shape = check_decode(self, canvas_ids, cache, self_conditioning)
+        else:
+            shape = check_hidden(self, canvas_ids, cache, self_conditioning, layout)
         if not isinstance(canvas_ids, torch.Tensor):
             canvas_ids = check_ids(canvas_ids, self.config.vocab_size, "canvas_ids")
         canvas_ids = torch.as_tensor(canvas_ids, device=self.device).long()
@@ -117,7 +127,8 @@ class TorchTarget:
         if sc is not None:
             sc = torch.as_tensor(sc, device=self.device).to(self.model.dtype)
         canvas = canvas_ids.reshape(shape)
-        return self.model.decode(canvas, cache, narrow(sc, self.plan), self.plan)
+        sc = narrow(sc, self.plan)
+        return self.model.decode(canvas, cache, sc, self.plan, layout)
 
     def denoise(
         self,

@@ -145,3 +145,64 @@ def test_layout_refuses_self_conditioning_and_bad_shapes(tiny_path, backend):
         ids, sc = mx.array(ids), mx.concatenate([logits, logits], 1)
     with pytest.raises(ValueError, match="self_conditioning"):
         target.model.decode(ids, cache, sc, None, HiddenLayout(rank))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_decode_takes_the_layout(tiny_path, backend):
+    """Target.decode(ids [B, 2C], cache, layout=...) is the model's layout pass,
+    and refuses a layout of the wrong kind or shape by name."""
+    target, cache, queries, draft, rank = _setup(tiny_path, backend, seed=5)
+    ids = np.concatenate([queries, draft], axis=1)
+    got = dg.to_numpy(target.decode(ids, cache, layout=HiddenLayout(rank)))
+    np.testing.assert_allclose(got, _hidden(target, cache, queries, draft, rank))
+    with pytest.raises(ValueError, match="layout: expected a HiddenLayout"):
+        target.decode(ids, cache, layout=rank)
+    with pytest.raises(ValueError, match="layout: expected an integer rank"):
+        target.decode(ids, cache, layout=HiddenLayout(rank[:, :3]))
+    with pytest.raises(ValueError, match="hidden layout expects shape"):
+        target.decode(draft, cache, layout=HiddenLayout(rank))
+
+
+def test_accept_along_the_commit_order():
+    from mlx_diffgem.core.verify import accept_along
+
+    rank = np.array([[0, 0, 1, 1, 2, 1]])
+    agree = np.array([[True, True, True, False, True, True]])
+    # groups 0 and 1 judged; group 1 has a rejection: its agreed tokens stay,
+    # group 2 (judged on the rejected token) is not accepted
+    want = [[True, True, True, False, False, True]]
+    assert accept_along(rank, agree).tolist() == want
+    assert accept_along(rank, np.ones_like(agree)).all()  # a perfect draft: all
+    first = np.array([[False, True, True, True, True, True]])
+    assert accept_along(rank, first).tolist() == [[False, True] + [False] * 4]
+
+
+def test_agreement_by_argmax_or_probability():
+    from mlx_diffgem.core.verify import agreement
+
+    logits = np.log(np.array([[[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]]]))
+    draft = np.array([[1, 1]])
+    assert agreement(logits, draft).tolist() == [[False, True]]
+    assert agreement(logits, draft, 0.25).tolist() == [[True, True]]
+    assert agreement(logits, np.array([[2, 2]]), 0.25).tolist() == [[False, True]]
+
+
+@needs_torch
+def test_bench_verify_measures_recall_and_false_rejection():
+    """bench.verify on two held-out prompts: every variant and criterion has a row,
+    and the hidden pass rejects more planted errors than a plain pass."""
+    import argparse
+
+    from bench import verify
+
+    a = argparse.Namespace(backend="torch", model=None, prompts=2, share=0.15, seed=0)
+    rec = verify.run(a)
+    rows = {(r["variant"], r["criterion"]): r for r in rec["rows"]}
+    assert set(rows) == {
+        (v, c) for v in ("plain", "hidden", "grouped4") for c in verify.CRITERIA
+    }
+    for r in rows.values():
+        assert 0 <= r["recall"] <= 1 and 0 <= r["false_rejection"] <= 1
+        assert r["planted"] > 0 and r["correct"] > r["planted"]
+    assert rows["hidden", "argmax"]["recall"] > rows["plain", "argmax"]["recall"]
+    assert 0 < rows["hidden", "argmax"]["accepted_share"] <= 1

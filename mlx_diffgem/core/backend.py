@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .config import GenerationConfig, ModelConfig
+from .layout import HiddenLayout
 from .noise import NoiseSource
 from .plan import PassPlan
 from .validate import check_decode as check_decode
@@ -153,7 +154,11 @@ class Target(Protocol):
     ) -> None: ...
 
     def decode(
-        self, canvas_ids: Any, cache: Cache, self_conditioning: Any = None
+        self,
+        canvas_ids: Any,
+        cache: Cache,
+        self_conditioning: Any = None,
+        layout: HiddenLayout | None = None,
     ) -> Any: ...
 
     def denoise(

@@ -20,8 +20,11 @@ weight stream a pass over 2C slots costs about one pass over C.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from .validate import cache_batch, check_cache
 
 
 @dataclass(frozen=True)
@@ -60,3 +63,18 @@ class HiddenLayout:
         query_rows = np.concatenate([itself, earlier], axis=2)
         ref_rows = np.concatenate([np.zeros((B, C, C), bool), up_to], axis=2)
         return np.concatenate([query_rows, ref_rows], axis=1)
+
+
+def check_hidden(target: Any, canvas_ids: Any, cache: Any, sc: Any, layout: Any):
+    """Arguments of `Target.decode` under a layout: a cache of this backend, a
+    HiddenLayout for its batch and the model's canvas, ids [B, 2C], no
+    self-conditioning. Returns the canvas shape (B, 2C)."""
+    B, C = cache_batch(cache), target.config.canvas_length
+    check_cache(target, cache, B)
+    if not isinstance(layout, HiddenLayout):
+        raise ValueError(
+            f"layout: expected a HiddenLayout, got {type(layout).__name__}"
+        )
+    HiddenLayout.checked(layout.rank, B, C)
+    layout.check_pass(np.shape(canvas_ids), sc is not None)
+    return B, 2 * C

@@ -196,8 +196,8 @@ class SpeculativeModel:
     def encode(self, ids: Any, cache: Any, attention_mask: Any = None) -> None:
         self.target.encode(ids, cache, attention_mask)
 
-    def decode(self, canvas_ids: Any, cache: Any, self_conditioning: Any = None):
-        return self.target.decode(canvas_ids, cache, self_conditioning)
+    def decode(self, canvas_ids, cache, self_conditioning=None, layout=None):
+        return self.target.decode(canvas_ids, cache, self_conditioning, layout)
 
     def denoise(self, state, cache, policy, noise, on_step=None) -> CanvasResult:
         steps = self.denoise_steps(state, cache, policy, noise, views=on_step)

@@ -20,6 +20,7 @@ from mlx_diffgem.core.backend import (
 )
 from mlx_diffgem.core.config import GenerationConfig, ModelConfig
 from mlx_diffgem.core.errors import CheckpointError
+from mlx_diffgem.core.layout import HiddenLayout, check_hidden
 from mlx_diffgem.core.noise import NoiseSource
 from mlx_diffgem.core.plan import PassPlan
 
@@ -72,14 +73,25 @@ class MLXTarget:
         # Materialize per chunk: bounds the peak memory of a chunked prefill.
         mx.eval(cache.state)
 
-    def decode(self, canvas_ids: Any, cache, self_conditioning: Any = None) -> mx.array:
+    def decode(
+        self,
+        canvas_ids: Any,
+        cache,
+        self_conditioning: Any = None,
+        layout: HiddenLayout | None = None,
+    ) -> mx.array:
         """One bidirectional denoiser pass: [B, C] ids -> [B, C, V] float32 logits
         ([B, C, head_vocab] for a planned view with a sub-vocabulary head).
 
         canvas_ids: [B, C] (numpy or mx) with C the model's canvas_length;
-        self_conditioning: [B, C, V] logits (numpy or mx) or None.
+        self_conditioning: [B, C, V] logits (numpy or mx) or None;
+        layout: a HiddenLayout (core/layout.py): canvas_ids are [B, 2C], query
+        slots then reference slots, and the logits are the query slots' [B, C, V].
         """
-        shape = check_decode(self, canvas_ids, cache, self_conditioning)
+        if layout is None:
+            shape = check_decode(self, canvas_ids, cache, self_conditioning)
+        else:
+            shape = check_hidden(self, canvas_ids, cache, self_conditioning, layout)
         if not isinstance(canvas_ids, mx.array):
             canvas_ids = check_ids(canvas_ids, self.config.vocab_size, "canvas_ids")
         sc = self_conditioning
@@ -87,7 +99,8 @@ class MLXTarget:
             sc = np.asarray(sc, np.float32)
         sc = None if sc is None else mx.array(sc).astype(self.model.dtype)
         canvas = mx.array(canvas_ids).reshape(shape)
-        return self.model.decode(canvas, cache, narrow(sc, self.plan), self.plan)
+        sc = narrow(sc, self.plan)
+        return self.model.decode(canvas, cache, sc, self.plan, layout)
 
     def denoise(
         self,

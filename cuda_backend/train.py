@@ -26,7 +26,9 @@ sequence is a clean prefix of P tokens followed by n canvases of C tokens:
    (dParallel, arXiv 2509.26488), which is what lets the sampler's stop rule (mean
    entropy < 0.005) fire; `cf_max_t` < 1 applies it only to canvases noised at most
    that much. `noise_power` > 1 draws more low-noise canvases
-   (t = u ** power), where that stop decision is made.
+   (t = u ** power), where that stop decision is made. `plausible` > 0 gives that
+   share of the noised positions the model's own sample instead of a uniform id
+   (`plausible_noise`), so that a plain pass learns to flag plausible wrong tokens.
 
     python -m cuda_backend.corpus --out runs/corpus       # optional: train builds it
     python -m cuda_backend.train --out runs/default --steps 500 --batch 8
@@ -325,6 +327,7 @@ class Objective:
     cf_temp: float = 0.6  # the sampler's temperatures are 0.4..0.8
     cf_max_t: float = 1.0  # certainty forcing only on canvases noised at most this much
     noise_power: float = 1.0  # t = u ** power: > 1 favours low noise
+    plausible: float = 0.0  # share of noised positions given the model's own sample
 
 
 def certainty(
@@ -370,6 +373,22 @@ def noise_canvases(
     # Drawn on the CPU generator (reproducible everywhere), then moved.
     flip, noise = flip.to(target.device), noise.to(target.device)
     return torch.where(flip, noise, target.view(B, -1, C)).view(B, N), t.view(B, -1)
+
+
+def plausible_noise(model, noisy, target, prefixes, P, share, gen) -> torch.Tensor:
+    """Plausible noise (issue 20, (c)): `share` of the noised positions take the
+    model's own sample there, from a no-grad pass over the uniform-noise canvases,
+    instead of a uniform id. Such tokens are plausible and often wrong: the model
+    learns to correct what it sees rather than copy it, so that one plain pass over a
+    drafted canvas can say no to a plausible wrong token."""
+    with torch.no_grad():
+        logits = decoder_pass(model, noisy, prefixes, P)
+    probs = torch.softmax(logits.float(), dim=-1).flatten(0, 1).cpu()
+    sample = torch.multinomial(probs, 1, generator=gen).view(noisy.shape)
+    pick = torch.rand(noisy.shape, generator=gen) < share
+    # Drawn on the CPU generator (reproducible everywhere), then moved.
+    pick = pick.to(noisy.device) & (noisy != target)
+    return torch.where(pick, sample.to(noisy.device), noisy)
 
 
 class RouterBalance:
@@ -432,6 +451,8 @@ def diffusion_loss(
         )
     target = ids[:, P:]
     noisy, t = noise_canvases(target, C, V, gen, obj.noise_power)
+    if obj.plausible:
+        noisy = plausible_noise(model, noisy, target, prefixes, P, obj.plausible, gen)
     half = B // 2
     sc = None
     if half:
@@ -527,6 +548,7 @@ class TrainArgs:
     cf_temp: float = 0.6
     cf_max_t: float = 1.0
     noise_power: float = 1.0
+    plausible: float = 0.0  # share of noised positions given the model's own sample
     doc_start_frac: float = 0.25
     eval_every: int = 50
     eval_batches: int = 4
@@ -583,7 +605,7 @@ def evaluate(model: Model, windows: Windows, a: TrainArgs, obj: Objective) -> di
     Noise levels stay uniform whatever the training draws, so `diff` (and best.pt)
     compare across runs.
     """
-    obj = dataclasses.replace(obj, noise_power=1.0)
+    obj = dataclasses.replace(obj, noise_power=1.0, plausible=0.0)
     rng = np.random.default_rng(1234)
     gen = torch.Generator().manual_seed(1234)
     totals: dict[str, float] = {}
@@ -745,6 +767,7 @@ def train(a: TrainArgs, blob: dict | None = None) -> RunState:
         cf_temp=a.cf_temp,
         cf_max_t=a.cf_max_t,
         noise_power=a.noise_power,
+        plausible=a.plausible,
     )
     balance, meter, C = RouterBalance(model), _Meter(), model.config.canvas_length
     last_save, ckpt = time.time(), out / "last.pt"

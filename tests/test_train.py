@@ -106,6 +106,34 @@ def test_noise_levels_and_corruption(torch_mod):
     assert abs((changed - t).mean().item()) < 0.02
 
 
+def test_plausible_noise_replaces_noise_only_with_model_samples(torch_mod, model):
+    """`plausible_noise` swaps about `share` of the noised positions for the model's
+    own samples and leaves every clean position as it was."""
+    from cuda_backend import train
+
+    torch = torch_mod
+    ids = _ids(torch, 5, 16, P + N * C)
+    target = ids[:, P:]
+    noisy, _ = train.noise_canvases(target, C, 64, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        _, prefixes = train.encoder_pass(model, ids)
+        out = train.plausible_noise(
+            model, noisy, target, prefixes, P, 0.5, torch.Generator().manual_seed(7)
+        )
+        logits = train.decoder_pass(model, noisy, prefixes, P)
+    clean = noisy == target
+    assert torch.equal(out[clean], target[clean])
+    swapped = out != noisy
+    assert 0.35 < swapped.sum() / (~clean).sum() < 0.6  # 0.5, less same-id draws
+    # each swapped token is a draw from the model: never one it gives ~0 to
+    p = torch.softmax(logits, -1).gather(-1, out[..., None])[..., 0]
+    assert (p[swapped] > 1e-6).all()
+    none = train.plausible_noise(
+        model, noisy, target, prefixes, P, 0.0, torch.Generator().manual_seed(7)
+    )
+    assert torch.equal(none, noisy)
+
+
 def test_low_noise_power_and_certainty_forcing(torch_mod, model):
     from cuda_backend import train
 

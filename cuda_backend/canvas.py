@@ -147,7 +147,8 @@ def _denoise_steps(model, state, cache, policy, noise, views, plan):
         loop.step(model, cache, temps[j], policy, noise, plan)
         if views:
             argmax_host = loop.argmax.cpu().numpy().astype(np.int32)
-            yield StepView(loop.steps, argmax_host, loop.done_host, role)
+            step = state.step + loop.steps  # the canvas's pass, by either model
+            yield StepView(step, argmax_host, loop.done_host, role)
         if loop.done_host.all():
             break
     return loop.result(state, model.config.vocab_size)

@@ -116,14 +116,15 @@ class CanvasResult:
     done: np.ndarray | None = None  # [B] rows whose stop rule held (None: not read)
     drafter_steps: int = 0  # speculative decoding: drafter passes on this canvas
     verify_rounds: int = 0  # target passes that checked a drafted canvas
-    drafted_kept: int = 0  # tokens of the first draft that the commit kept
+    drafted: int = 0  # tokens the first draft proposed (live rows; holes if infill)
+    drafted_kept: int = 0  # of those, the ones the commit kept
 
 
 @dataclass
 class StepView:
     """What a per-step observer sees (live draft canvas); only built when requested."""
 
-    step: int
+    step: int  # the canvas's pass (1, 2, ...), counted over every model's passes
     argmax: np.ndarray  # [B, C]
     done: np.ndarray  # [B]
     source: str = "target"  # or "drafter" (speculative decoding)

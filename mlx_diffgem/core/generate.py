@@ -225,17 +225,14 @@ def count_passes(stats: Stats, res: CanvasResult) -> None:
         stats.drafter_passes += res.drafter_steps
         stats.drafter_steps_per_canvas.append(res.drafter_steps)
         stats.verify_rounds += res.verify_rounds
+        stats.drafted_tokens += res.drafted
+        stats.drafted_kept += res.drafted_kept
 
 
 def _count(
     stats: Stats, tokens: np.ndarray, res: CanvasResult, gen: GenerationConfig
 ) -> None:
     count_passes(stats, res)
-    if res.drafter_steps:
-        finished = res.state.finished
-        live = len(res.tokens) if finished is None else int((~finished).sum())
-        stats.drafted_tokens += live * res.tokens.shape[1]
-        stats.drafted_kept += res.drafted_kept
     real = tokens if gen.pad_token_id is None else tokens[tokens != gen.pad_token_id]
     stats.generated_tokens += int(real.size)
 

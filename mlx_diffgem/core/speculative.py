@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import validate as V
 from .backend import (
     CanvasResult,
     CanvasState,
@@ -39,12 +40,28 @@ from .backend import (
     Target,
     drain,
 )
+from .config import MAX_DENOISING_STEPS
 from .noise import NoiseSource
 
 
 @dataclass(frozen=True)
 class SpecPolicy:
-    """How the drafter and the target share a canvas."""
+    """How the drafter and the target share a canvas.
+
+    Options and their bounds (the one place they are written; api.load's
+    `speculative=` takes these fields, `diffgem --help` quotes them):
+        draft_steps: drafter passes before the first verify, an integer in
+            [1, 10000] (default 24).
+        refine_steps: drafter passes between two verifies, in [1, 10000] (2).
+        max_rounds: verifies before the target finishes natively, in [1, 10000] (8).
+        draft_confidence: the drafter's stop threshold on its mean entropy, a
+            finite number > 0, or None: the target's confidence_threshold.
+        draft_entropy_bound: the drafter's entropy bound, a finite number > 0, or
+            None: the target's entropy_bound.
+        verify_on: "argmax" or "canvas".
+    Python or numpy numbers are accepted (numpy ones become Python ones); bools,
+    strings, NaN and infinities are refused with a ValueError naming the option.
+    """
 
     # Drafter passes before the first verify, at most: the drafter usually meets
     # its own stop rule first (~22 passes on the embedded model). A lower cap
@@ -64,22 +81,19 @@ class SpecPolicy:
     verify_on: str = "argmax"
 
     def __post_init__(self) -> None:
+        # Upper bounds, so that no option can hang a call (the denoise loop builds
+        # a list per step): the native step budget's, MAX_DENOISING_STEPS.
         for name in ("draft_steps", "refine_steps", "max_rounds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if self.verify_on not in ("argmax", "canvas"):
-            raise ValueError(
-                f"verify_on: expected 'argmax' or 'canvas', got {self.verify_on!r}"
-            )
+            value = V.integer(getattr(self, name), name, lo=1, hi=MAX_DENOISING_STEPS)
+            object.__setattr__(self, name, value)
+        on = self.verify_on
+        if not isinstance(on, str) or on not in ("argmax", "canvas"):
+            raise ValueError(f"verify_on: expected 'argmax' or 'canvas', got {on!r}")
         for name in ("draft_confidence", "draft_entropy_bound"):
             c = getattr(self, name)
-            if c is not None and (
-                isinstance(c, bool)
-                or not isinstance(c, float | int)
-                or not 0 < c < np.inf
-            ):
-                raise ValueError(f"{name}: expected a float > 0, got {c!r}")
+            if c is not None:
+                c = V.number(c, name, lo=0, lo_open=True)
+                object.__setattr__(self, name, c)
 
     def drafter_policy(self, policy: DenoisePolicy, budget: int) -> DenoisePolicy:
         conf = self.draft_confidence or policy.confidence_threshold
@@ -161,7 +175,12 @@ class _Canvas:
         return res
 
     def _result(self, state, first, res, cur, passes) -> CanvasResult:
-        live = np.ones(len(passes), bool) if state.finished is None else ~state.finished
+        # The first draft's proposals: live rows, and only the holes of an infill.
+        judged = np.ones(first.shape, bool)
+        if state.finished is not None:
+            judged &= ~state.finished[:, None]
+        if state.fixed is not None:
+            judged &= np.asarray(state.fixed) < 0
         stats = self.stats
         return CanvasResult(
             tokens=res.tokens,
@@ -172,7 +191,8 @@ class _Canvas:
             done=res.done,
             drafter_steps=self.drafter_steps,
             verify_rounds=self.rounds,
-            drafted_kept=int((first == res.tokens)[live].sum()),
+            drafted=int(judged.sum()),
+            drafted_kept=int(((first == res.tokens) & judged).sum()),
         )
 
 

@@ -131,7 +131,8 @@ def denoise_steps(
     for n in [] if loop.all_done else policy.countdown(state.step):
         loop.step(model, cache, n, policy, noise, plan)
         if views:
-            yield StepView(loop.steps, np.array(loop.argmax), np.array(loop.done), role)
+            step = state.step + loop.steps  # the canvas's pass, by either model
+            yield StepView(step, np.array(loop.argmax), np.array(loop.done), role)
         if loop.all_done:
             break
     return loop.result(state, model.config.vocab_size)

@@ -166,6 +166,7 @@ class _Loop:
     done: torch.Tensor  # [B] rows whose stop rule held (frozen from then on)
     h_mean: torch.Tensor  # [B] mean entropy of the last pass
     pins: tuple | None  # infill: (pinned mask, ids, holes per row)
+    heal: torch.Tensor | None  # [V'] bool: the ids the first position may take
     passes: torch.Tensor  # [B] passes counted per row
     done_host: np.ndarray  # `done` on the host (the one sync of a step)
     steps: int = 0
@@ -193,6 +194,7 @@ class _Loop:
             done=done,
             h_mean=h_mean,
             pins=pins,
+            heal=_heal_mask(state.heal_ids, model, plan, dev),
             passes=torch.zeros((B,), dtype=torch.int32, device=dev),
             done_host=done.cpu().numpy(),
         )
@@ -205,6 +207,8 @@ class _Loop:
         any_done = bool(self.done_host.any())
         self.passes += (~(done | self.finished)).int()
         z = model.decode(self.canvas, cache, self.sc, plan=plan)  # 1
+        if self.heal is not None:  # token healing: position 0's allowed ids only
+            z[:, 0].masked_fill_(~self.heal, PassPlan.fill)
         new_arg, h = score(z, T)  # 2: z is now z / T(n)
         draft = draw_sample(noise, z)
         if pins is not None:  # pinned positions: kept, with no entropy to count
@@ -253,6 +257,7 @@ class _Loop:
                 done=self.done,
                 mean_entropy=self.h_mean,
                 fixed=state.fixed,
+                heal_ids=state.heal_ids,
             ),
             step_stats={
                 "accepted": _stack(self.accepted, B),
@@ -260,6 +265,18 @@ class _Loop:
             },
             done=self.done_host,
         )
+
+
+def _heal_mask(ids, model, plan, device) -> torch.Tensor | None:
+    """[V'] bool over the pass's logits (a plan's head may be narrower): True at
+    the ids token healing allows at the first position."""
+    if ids is None:
+        return None
+    width = model.config.vocab_size if plan is None else plan.head_vocab
+    mask = np.zeros(width or model.config.vocab_size, bool)
+    ids = np.asarray(ids)
+    mask[ids[ids < mask.size]] = True
+    return torch.as_tensor(mask, device=device)
 
 
 def _pins(fixed, device: torch.device) -> tuple[torch.Tensor, ...] | None:

@@ -90,6 +90,8 @@ class CanvasState:
         is denoised. Pinned positions count as kept with zero entropy, so they use
         none of the entropy bound, and the stop rule's mean entropy is taken over
         the holes only. None: every position is denoised (native decoding).
+    heal_ids: token healing (core/healing.py): int32 ids, the only ones the first
+        canvas position may take on every pass; None: no constraint.
     """
 
     canvas: Any = None
@@ -102,6 +104,7 @@ class CanvasState:
     done: Any = None
     mean_entropy: Any = None
     fixed: np.ndarray | None = None
+    heal_ids: np.ndarray | None = None
 
 
 @dataclass

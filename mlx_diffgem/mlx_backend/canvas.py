@@ -150,6 +150,7 @@ class _Loop:
     done: mx.array  # [B] rows whose stop rule held (frozen from then on)
     h_mean: mx.array  # [B] mean entropy of the last pass
     pins: tuple | None  # infill: (pinned mask, ids, holes per row)
+    heal: mx.array | None  # [V'] bool: the ids the first position may take
     passes: mx.array  # [B] passes counted per row
     any_done: bool = False
     all_done: bool = False
@@ -176,6 +177,7 @@ class _Loop:
             if state.mean_entropy is None
             else mx.array(state.mean_entropy),
             pins=pins,
+            heal=_heal_mask(state.heal_ids, model, plan),
             passes=mx.zeros((B,), mx.int32),
         )
         if not fresh:
@@ -188,7 +190,11 @@ class _Loop:
         done, pins = self.done, self.pins
         self.passes = self.passes + (~(done | self.finished)).astype(mx.int32)
         T = mx.array(policy.temperature(n), mx.float32)
-        z = model.decode(self.canvas, cache, self.sc, plan=plan) / T  # 1-2
+        z = model.decode(self.canvas, cache, self.sc, plan=plan)  # 1
+        if self.heal is not None:  # token healing: position 0's allowed ids only
+            first = mx.where(self.heal, z[:, :1], PassPlan.fill)
+            z = mx.concatenate([first, z[:, 1:]], axis=1)
+        z = z / T  # 2
         parts = softmax_tail(z)  # one exp pass for the draw and the entropies
         draft = draw_sample(noise, z, parts)
         new_arg = mx.argmax(z, axis=-1).astype(mx.int32)
@@ -240,6 +246,7 @@ class _Loop:
                 done=self.done,
                 mean_entropy=self.h_mean,
                 fixed=state.fixed,
+                heal_ids=state.heal_ids,
             ),
             step_stats={
                 "accepted": _stack(self.accepted, B),  # evaluated
@@ -247,6 +254,18 @@ class _Loop:
             },
             done=np.array(self.done),
         )
+
+
+def _heal_mask(ids, model, plan) -> mx.array | None:
+    """[V'] bool over the pass's logits (a plan's head may be narrower): True at
+    the ids token healing allows at the first position."""
+    if ids is None:
+        return None
+    width = model.config.vocab_size if plan is None else plan.head_vocab
+    mask = np.zeros(width or model.config.vocab_size, bool)
+    ids = np.asarray(ids)
+    mask[ids[ids < mask.size]] = True
+    return mx.array(mask)
 
 
 def _flags(done: mx.array) -> tuple[bool, bool]:

@@ -125,8 +125,10 @@ def distill(a: DistillArgs) -> Path:
     if a.labels not in ("target", "data"):
         raise ValueError(f"--labels {a.labels!r}: expected 'target' or 'data'")
     folder = Path(a.target) if a.target else default_model_path()
-    target = load(folder, device="cpu", dtype="float32").model.requires_grad_(False)
-    spec = build_spec(a, target.config)
+    loaded = load(folder, device="cpu", dtype="float32")
+    target = loaded.model.requires_grad_(False)
+    # with the target's fingerprint: the drafter refuses to load for another model
+    spec = build_spec(a, target.config).for_target(loaded.path, target.config)
     adapter = Adapter(spec.adapter)
     plan = spec.plan(target.config, adapter)
     train_w = T.Windows(T.load_stream(a.data, "train"), a.seq_len)

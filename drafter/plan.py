@@ -8,9 +8,12 @@ chosen: `auto` (the cuts that cost no quality on the embedded model) and `parse`
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from mlx_diffgem.core.config import ModelConfig
 from mlx_diffgem.core.plan import PassPlan
+
+_INT = re.compile(r"-?[0-9]{1,18}")  # ASCII digits; bounds come from checked()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,8 @@ class SelfDraftPlan(PassPlan):
     @classmethod
     def parse(cls, text: str, config: ModelConfig) -> SelfDraftPlan:
         """ "auto", "full" (no cuts: the target at full cost) or settings such as
-        "layers=0,1,5 top_k=1 sc_top_k=32 head_vocab=1024" (unset: no cut)."""
+        "layers=0,1,5 top_k=1 sc_top_k=32 head_vocab=1024" (unset: no cut; each
+        key at most once)."""
         text = text.strip()
         if text in ("", "auto"):
             return cls.auto(config)
@@ -51,10 +55,12 @@ class SelfDraftPlan(PassPlan):
                     f"drafter: bad self-drafter setting {item!r}; expected "
                     f"KEY=VALUE with KEY one of {sorted(fields)}"
                 )
-            try:
-                ints = tuple(int(v) for v in val.split(",") if v)
-            except ValueError:
-                raise ValueError(f"drafter: {key}={val!r}: expected integers") from None
+            if key in values:  # not "the last one wins": say which was meant
+                raise ValueError(f"drafter: self-drafter setting {key!r} given twice")
+            items = [v for v in val.split(",") if v]
+            if not all(_INT.fullmatch(v) for v in items):  # int() takes "1_0" too
+                raise ValueError(f"drafter: {key}={val!r}: expected integers")
+            ints = tuple(int(v) for v in items)
             values[key] = ints if key == "layers" else _one(key, ints)
         return cls(**values).checked(config)
 

@@ -280,3 +280,199 @@ def _corrupt_tensor(path: Path, name: str, how: str) -> None:
 def names_key(message: str, *keys: str) -> bool:
     """A one-line message that names one of `keys`."""
     return "\n" not in message.strip() and any(k in message for k in keys)
+
+
+# --------------------------------------------------------------------------------------
+# Right-padded masks (issue 21): only left padding is supported, by name
+# --------------------------------------------------------------------------------------
+
+ID_CASES += [
+    ([[2, 10, 11], [2, 12, 13]], [[1, 1, 1], [1, 1, 0]], False, "left padding"),
+    ([[2, 10, 11], [2, 12, 13]], [[1, 0, 1], [1, 1, 1]], False, "left padding"),
+    ([[2, 10, 11], [2, 12, 13]], [[0, 1, 0], [1, 1, 1]], False, "attention_mask"),
+    ([[2, 10, 11], [2, 12, 13]], [[0, 0, 1], [0, 1, 1]], True, ""),
+]
+
+
+# --------------------------------------------------------------------------------------
+# Drafter folders, `self:` strings and speculative options (issue 21)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DrafterVariant:
+    """One change to a valid drafter folder: `where` is config | adapter | target
+    (drafter_config.json, its "adapter" or "target" entry) or weights (the file:
+    `value` names the damage). `key`: what the error must name ("" when valid)."""
+
+    where: str
+    field: str
+    value: Any
+    key: str = ""
+
+    @property
+    def valid(self) -> bool:
+        return not self.key
+
+    @property
+    def name(self) -> str:
+        return f"{self.where}:{self.field}={self.value!r}"
+
+
+def _d(where: str, field: str, value: Any, key: str | None = None) -> DrafterVariant:
+    return DrafterVariant(where, field, value, field if key is None else key)
+
+
+_WEIGHTS = "drafter.safetensors"
+_OTHER = "drafter made for a different model"
+DRAFTER_VARIANTS: list[DrafterVariant] = [
+    _d("adapter", "rope_theta", "abc", "adapter.rope_theta"),
+    _d("adapter", "rope_theta", -1.0, "adapter.rope_theta"),
+    _d("adapter", "rope_theta", NAN, "adapter.rope_theta"),
+    _d("adapter", "rms_norm_eps", "tiny", "adapter.rms_norm_eps"),
+    _d("adapter", "rms_norm_eps", -1.0, "adapter.rms_norm_eps"),
+    _d("adapter", "intermediate_size", "24", "adapter.intermediate_size"),
+    _d("adapter", "intermediate_size", 10**12, _WEIGHTS),  # shapes: no allocation
+    _d("adapter", "num_layers", 10**9, _WEIGHTS),
+    _d("adapter", "head_dim", 0, "adapter.head_dim"),
+    _d("adapter", "head_dim", 3, "adapter.head_dim"),
+    _d("adapter", "num_heads", 0, "adapter.num_heads"),
+    _d("adapter", "num_heads", 2.0, "adapter.num_heads"),
+    _d("adapter", "depth", 2, "depth"),
+    _d("adapter", "rope_theta", 10000, ""),  # an int where a float is meant
+    _d("config", "top_k", "1"),
+    _d("config", "top_k", 0),
+    _d("config", "head_vocab", 64.5),
+    _d("config", "head_vocab", 10**6, "head_vocab"),
+    _d("config", "target_layers", [0.5, 1.7]),
+    _d("config", "target_layers", []),
+    _d("config", "target_layers", [0, 0]),
+    _d("config", "target_layers", [0, 9]),
+    _d("config", "target_layers", "0,1"),
+    _d("config", "kind", "other"),
+    _d("config", "adapters", {}),
+    _d("config", "head_vocab", None, ""),
+    _d("target", "vocab_size", 256, _OTHER),
+    _d("target", "num_hidden_layers", 6, _OTHER),
+    _d("target", "weights", "sha256:" + "0" * 64, _OTHER),
+    _d("config", "target", "tiny", "target"),
+    *[_d("weights", "file", v, _WEIGHTS) for v in ("half", "truncated", "empty")],
+    _d("weights", "file", "garbage", _WEIGHTS),
+    _d("weights", "dtype", "int32", "layers.0.q_proj.weight"),
+    _d("weights", "dtype", "float64", "layers.0.q_proj.weight"),
+    _d("weights", "dtype", "float16", ""),
+    _d("weights", "value", "nan", "layers.1.o_proj.weight"),
+    _d("weights", "value", "inf", "layers.1.o_proj.weight"),
+    _d("weights", "value", "-inf", "layers.1.o_proj.weight"),
+]
+
+
+def write_drafter_variant(src: Path, dst: Path, v: DrafterVariant) -> Path:
+    """A copy of the drafter folder `src` at `dst` with change `v` applied."""
+    shutil.copytree(src, dst)
+    if v.where == "weights":
+        _damage_weights(dst / _WEIGHTS, v.field, v.value)
+        return dst
+    path = dst / "drafter_config.json"
+    cfg = json.loads(path.read_text())
+    entry = {"config": cfg, "adapter": cfg["adapter"], "target": cfg.get("target")}
+    entry[v.where][v.field] = v.value
+    path.write_text(json.dumps(cfg))
+    return dst
+
+
+def _damage_weights(path: Path, how: str, value: str) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    data = path.read_bytes()
+    if how == "file":
+        cut = {"half": len(data) // 2, "truncated": len(data) - 3, "empty": 0}
+        damaged = data[: cut[value]] if value in cut else bytes(range(256)) * 4
+        path.write_bytes(damaged)
+        return
+    w = load_file(str(path))
+    if how == "dtype":
+        name = "layers.0.q_proj.weight"
+        w[name] = (w[name] * 100).astype(value)
+    else:
+        name = "layers.1.o_proj.weight"
+        w[name] = w[name].copy()
+        w[name].flat[5] = float(value)
+    save_file(w, str(path))
+
+
+# (`self:` settings, the word its error must name; "" for a valid one), on the tiny
+# model: 4 layers, 4 experts, vocabulary 128.
+SELF_PLAN_CASES: list[tuple[str, str]] = [
+    ("self:top_k=1", ""),
+    ("self:layers=0,3 sc_top_k=16 head_vocab=64", ""),
+    ("self:top_k=1 top_k=2", "top_k"),
+    ("self:layers=0 layers=1", "layers"),
+    ('self:top_k="1"', "top_k"),
+    ("self:top_k=1.0", "top_k"),
+    ("self:head_vocab=64.5", "head_vocab"),
+    ("self:layers=0.5,1.7", "layers"),
+    ("self:top_k=\u0663", "top_k"),  # ARABIC-INDIC DIGIT THREE: int() reads 3
+    ("self:top_k=1_0", "top_k"),
+    ("self:sc_top_k=" + "9" * 5000, "sc_top_k"),
+    ("self:layers=", "layers"),
+    ("self:layers=-1", "layers"),
+]
+
+# (speculative= options, the option its error must name; "" for a valid set)
+SPEC_CASES: list[tuple[dict[str, Any], str]] = [
+    ({"draft_steps": np.int64(8)}, ""),
+    ({"draft_confidence": np.float32(0.05)}, ""),
+    ({"refine_steps": np.int32(3), "max_rounds": np.uint8(2)}, ""),
+    ({"draft_entropy_bound": np.float16(0.5), "draft_confidence": 1}, ""),
+    ({"draft_steps": MAX_STEPS, "refine_steps": 1, "max_rounds": MAX_STEPS}, ""),
+    ({"draft_steps": 10**9}, "draft_steps"),
+    ({"draft_steps": MAX_STEPS + 1}, "draft_steps"),
+    ({"refine_steps": 10**9}, "refine_steps"),
+    ({"max_rounds": 10**9}, "max_rounds"),
+    ({"max_rounds": np.int64(0)}, "max_rounds"),
+    ({"draft_steps": 8.0}, "draft_steps"),
+    ({"draft_steps": np.float64(8)}, "draft_steps"),
+    ({"draft_steps": "8"}, "draft_steps"),
+    ({"draft_steps": True}, "draft_steps"),
+    ({"draft_confidence": NAN}, "draft_confidence"),
+    ({"draft_confidence": np.float32(INF)}, "draft_confidence"),
+    ({"draft_confidence": 0.0}, "draft_confidence"),
+    ({"draft_confidence": "0.05"}, "draft_confidence"),
+    ({"draft_entropy_bound": 1e300}, "draft_entropy_bound"),
+    ({"draft_entropy_bound": np.bool_(True)}, "draft_entropy_bound"),
+    ({"verify_on": "both"}, "verify_on"),
+    ({"verify_on": ["argmax"]}, "verify_on"),
+]
+
+
+# --------------------------------------------------------------------------------------
+# Hole markers (issue 21): a malformed one is refused by name, not kept as text
+# --------------------------------------------------------------------------------------
+
+# (text, what its error must name; "" when it parses)
+HOLE_CASES: list[tuple[str, str]] = [
+    ("a <|hole|> b", ""),
+    ("a <|hole:3|> b <|hole|>", ""),
+    ("a <|hole:007|> b", ""),
+    (f"a <|hole:{MAX_NEW_TOKENS}|>", ""),
+    ("a <|hole:-1|> b", "<|hole:-1|>"),
+    ("a <|hole:1e3|> b", "<|hole:1e3|>"),
+    ("a <|hole: 5|> b", "<|hole: 5|>"),
+    ("a <|hole:5 |> b", "<|hole:5 |>"),
+    ("a <|hole:+5|> b", "<|hole:+5|>"),
+    ("a <|hole:|> b", "<|hole:|>"),
+    ("a <|hole", "<|hole"),
+    ("a <|hole:4", "<|hole"),
+    ("a <|hole|> b <|hole:2", "<|hole"),
+    ("a <|hole:<|hole|>|> b", "<|hole:<|hole|>"),
+    ("a <|hole:\u0663|> b", "<|hole:\u0663|>"),  # a non-ASCII digit
+    ("a <|hole:\uff13|> b", "<|hole:\uff13|>"),  # FULLWIDTH DIGIT THREE
+    ("a <|hole:0|> b", "<|hole:0|>"),
+    (f"a <|hole:{MAX_NEW_TOKENS + 1}|>", f"<|hole:{MAX_NEW_TOKENS + 1}|>"),
+    ("a <|hole:99999999|>", "<|hole:99999999|>"),
+    ("a <|hole:" + "9" * 5000 + "|>", "<|hole:999"),
+    ("a <|hole:2|>" * 3 + f"<|hole:{MAX_NEW_TOKENS - 3}|>", "add up to"),
+    ("a \ud800 <|hole|>", "text_with_holes"),
+    ("no marker", "no hole marker"),
+]

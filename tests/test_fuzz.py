@@ -1,4 +1,5 @@
-"""Fuzzers over the public boundary (issue 11): options, ids/masks, bad checkpoints.
+"""Fuzzers over the public boundary (issues 11, 21): options, ids/masks, bad
+checkpoints, drafter folders, `self:` strings and speculative options.
 
 Every case is either accepted or refused with a one-line ValueError naming the option,
 key or file; the expectation comes from tests/fuzz_cases.py's oracle. Option and id
@@ -14,9 +15,13 @@ import pytest
 from conftest import HAS_MLX, HAS_TORCH
 from fuzz_cases import (
     CHECKPOINT_VARIANTS,
+    DRAFTER_VARIANTS,
     ID_CASES,
+    SELF_PLAN_CASES,
+    SPEC_CASES,
     names_key,
     option_cases,
+    write_drafter_variant,
     write_variant,
 )
 
@@ -177,3 +182,151 @@ def test_generation_config_file_keys_are_named(tmp_path, tiny_path):
     (path / "generation_config.json").write_text(json.dumps(gen | {"top_q": 1}))
     with pytest.raises(ValueError, match=r"generation_config\.json: unknown .*'top_q'"):
         load_generation_config(path)
+
+
+# --------------------------------------------------------------------------------------
+# Drafter folders, `self:` strings, speculative options (issue 21)
+# --------------------------------------------------------------------------------------
+
+
+def drafter_weights(adapter, seed: int = 0) -> dict:
+    """Random float32 weights for every tensor of an adapter (names and shapes from
+    its config, so no backend is needed)."""
+    rng = np.random.default_rng(seed)
+    return {
+        k: (
+            (1.0 if k.endswith("norm.weight") else 0.0) + 0.1 * rng.standard_normal(s)
+        ).astype(np.float32)
+        for k, s in sorted(adapter.shapes().items())
+    }
+
+
+@pytest.fixture(scope="module")
+def drafter_root(tmp_path_factory, tiny_path):
+    """A valid trained-drafter folder for the tiny model (with its fingerprint),
+    then every DRAFTER_VARIANTS copy of it."""
+    from drafter.trained import AdapterConfig, DrafterSpec, save
+    from mlx_diffgem.core.checkpoint import load_config
+
+    cfg = load_config(tiny_path)
+    adapter = AdapterConfig(cfg.hidden_size, 2, 2, 8, 24)
+    spec = DrafterSpec((0, 1), adapter, top_k=1, sc_top_k=16, head_vocab=64)
+    root = tmp_path_factory.mktemp("drafters")
+    base = save(
+        root / "base", spec.for_target(tiny_path, cfg), drafter_weights(adapter)
+    )
+    return base, [
+        write_drafter_variant(base, root / str(i), v)
+        for i, v in enumerate(DRAFTER_VARIANTS)
+    ]
+
+
+def test_drafter_variants(model, drafter_root):
+    """Every changed drafter folder: one named error at load (ValueError, naming
+    the key, file or tensor), or it loads and drafts."""
+    import warnings
+
+    from drafter import load_drafter
+    from mlx_diffgem.core.generate import generate_ids
+    from mlx_diffgem.core.speculative import SpecPolicy, SpeculativeModel
+
+    base, variants = drafter_root
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fingerprinted folder loads unwarned
+        load_drafter(model, str(base))
+    failures = []
+    for v, path in zip(DRAFTER_VARIANTS, variants, strict=True):
+
+        def run(path=path):
+            spec = SpeculativeModel(
+                model, load_drafter(model, str(path)), SpecPolicy(2)
+            )
+            ids = generate_ids(
+                spec, IDS, seed=0, max_new_tokens=8, max_denoising_steps=3
+            )
+            assert 0 <= ids[0].min() and ids[0].max() < model.config.vocab_size
+
+        problem = _outcome(run, v.valid, [v.key])
+        if problem:
+            failures.append((v.name, problem))
+    assert not failures, f"{len(failures)} of {len(variants)}: {failures[:5]}"
+
+
+def test_drafter_errors_name_the_file(model, drafter_root):
+    """A config error names drafter_config.json, a weights error the weights file,
+    a foreign drafter its folder."""
+    from drafter import load_drafter
+
+    for v, path in zip(DRAFTER_VARIANTS, drafter_root[1], strict=True):
+        if v.valid:
+            continue
+        with pytest.raises(ValueError) as e:
+            load_drafter(model, str(path))
+        where = "drafter_config.json"
+        if v.where == "weights" or v.key == "drafter.safetensors":
+            where = "drafter.safetensors"  # a config that does not fit its tensors
+        elif "different model" in v.key:
+            where = str(path)
+        assert where in str(e.value), (v.name, str(e.value))
+
+
+@pytest.mark.parametrize("case", range(len(SELF_PLAN_CASES)))
+def test_self_plan_cases(model, case):
+    from drafter import load_drafter
+
+    text, key = SELF_PLAN_CASES[case]
+    problem = _outcome(lambda: load_drafter(model, text), not key, [key])
+    assert problem is None, (text, problem)
+
+
+def test_speculative_option_cases():
+    from mlx_diffgem.core.speculative import SpecPolicy
+
+    failures = []
+    for opts, key in SPEC_CASES:
+        problem = _outcome(lambda opts=opts: SpecPolicy(**opts), not key, [key])
+        if problem:
+            failures.append((opts, problem))
+    assert not failures, failures
+    p = SpecPolicy(draft_steps=np.int64(8), draft_confidence=np.float32(0.05))
+    assert type(p.draft_steps) is int and type(p.draft_confidence) is float
+
+
+def test_numpy_speculative_options_reach_generation(tiny_path):
+    """numpy numbers through dg.load(speculative=...), as the rest of the API
+    takes them, and generation runs with them."""
+    import mlx_diffgem as dg
+
+    backend = "torch" if HAS_TORCH else "mlx"
+    spec = {"draft_steps": np.int64(3), "draft_confidence": np.float32(0.05)}
+    model = dg.load(tiny_path, backend=backend, drafter="self", speculative=spec)[0]
+    assert model.spec.draft_steps == 3
+    _generate(model)
+    with pytest.raises(ValueError, match=r"draft_steps must be .*\[1, 10000\]"):
+        dg.load(
+            tiny_path,
+            backend=backend,
+            drafter="self",
+            speculative={"draft_steps": 10**9},
+        )
+
+
+@pytest.mark.parametrize(
+    "fields, key",
+    [
+        ({"top_k": "1"}, "top_k"),
+        ({"top_k": 1.0}, "top_k"),
+        ({"head_vocab": 64.5}, "head_vocab"),
+        ({"sc_top_k": True}, "sc_top_k"),
+        ({"layers": (0.5, 1.7)}, "layers"),
+        ({"layers": "01"}, "layers"),
+        ({"layers": (0, np.int64(3)), "top_k": np.int64(2)}, ""),
+    ],
+)
+def test_plan_objects_are_checked(model, fields, key):
+    """A PassPlan built in Python (bench, a caller of Target.planned) is checked as
+    a parsed one: a value of the wrong type is refused, not compared or cut."""
+    from drafter.plan import SelfDraftPlan
+
+    check = SelfDraftPlan(**fields).checked
+    assert _outcome(lambda: check(model.config), not key, [key]) is None

@@ -258,6 +258,50 @@ def test_format_prompt(tok):
 
 
 # --------------------------------------------------------------------------------------
+# A user's text taken literally, and text that is not valid Unicode (issue 21)
+# --------------------------------------------------------------------------------------
+
+LITERAL = "x = '<eos>' + '<pad><bos>' # <mask><unk> and <|image|>\n"
+
+
+def _literal_tokenizers(tmp_path):
+    from mlx_diffgem.core.checkpoint import default_model_path
+    from mlx_diffgem.core.tiny import build_char_tokenizer
+
+    return [
+        load_tokenizer(default_model_path()),
+        load_tokenizer(build_char_tokenizer(tmp_path)),
+    ]
+
+
+def test_encode_plain_keeps_special_token_strings_as_text(tmp_path):
+    for tok in _literal_tokenizers(tmp_path):
+        ids = tok.encode_plain(LITERAL)
+        assert not set(ids) & tok.special_token_ids, tok.name
+        assert tok.decode(ids) == LITERAL  # nothing dropped as a skipped special
+        # `encode` (prompts, chat templates) still reads them as special tokens,
+        # before and after a plain encode (the flag lives on a copy).
+        assert tok.encode("<eos>") == [tok.token_to_id("<eos>")]
+        assert tok.encode("<eos>") == [1] and tok.backend.encode_special_tokens is False
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda tok: tok.encode("a\ud800b"), "text"),
+        (lambda tok: tok.encode_plain("\udfff"), "text"),
+        (lambda tok: format_prompt(tok, "a\ud800"), "prompt"),
+        (lambda tok: format_prompt(tok, "a\ud800", chat=True), "messages"),
+        (lambda tok: tok.apply_chat_template(user("\ud83d")), "messages"),
+    ],
+)
+def test_lone_surrogates_get_a_named_error(tok, call, name):
+    """Not the tokenizer library's TypeError ("TextInputSequence must be str")."""
+    with pytest.raises(ValueError, match=f"^{name}: a lone surrogate .* at index"):
+        call(tok)
+
+
+# --------------------------------------------------------------------------------------
 # Streaming detokenizer
 # --------------------------------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import numpy as np
 import pytest
 from conftest import HAS_MLX, HAS_TORCH, needs_mlx, needs_torch
@@ -9,9 +12,12 @@ from test_speculative import HostNoise, _dev, _load
 
 import mlx_diffgem as dg
 from drafter import load_drafter
+from drafter.fingerprint import fingerprint, weights_hash
 from drafter.plan import SelfDraftPlan
-from drafter.trained import AdapterConfig, DrafterSpec, save
+from drafter.trained import CONFIG, AdapterConfig, DrafterSpec, save, stamp
+from mlx_diffgem.core.checkpoint import default_model_path, load_config
 from mlx_diffgem.core.generate import generate_ids
+from mlx_diffgem.core.tiny import build_tiny_checkpoint
 
 BACKENDS = [
     pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="no mlx")),
@@ -44,8 +50,8 @@ def _random_weights(spec: DrafterSpec, seed: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def drafter_dir(tiny_path, tmp_path_factory):
-    cfg = dg.load(tiny_path, backend="torch", device="cpu", dtype="float32")[0].config
-    spec = _spec(cfg)
+    cfg = load_config(tiny_path)
+    spec = _spec(cfg).for_target(tiny_path, cfg)
     return save(tmp_path_factory.mktemp("drafter"), spec, _random_weights(spec))
 
 
@@ -72,7 +78,7 @@ def test_untrained_adapter_is_the_cut_target(tiny_path, tmp_path, backend):
     from drafter.adapter_torch import Adapter
 
     target, _ = _load(tiny_path, backend)
-    spec = _spec(target.config)
+    spec = _spec(target.config).for_target(tiny_path, target.config)
     folder = save(tmp_path / "d", spec, Adapter(spec.adapter).to_numpy())
     trained = load_drafter(target, str(folder))
     cut = SelfDraftPlan(layers=(0, 1), top_k=1, sc_top_k=16)
@@ -128,7 +134,7 @@ def test_drafter_folder_errors(tiny_path, tmp_path, drafter_dir):
     (bad / "drafter_config.json").write_text('{"kind": "other"}')
     with pytest.raises(ValueError, match="drafter_config.json: expected"):
         load_drafter(target, str(bad))
-    spec = _spec(target.config)
+    spec = _spec(target.config).for_target(tiny_path, target.config)
     weights = _random_weights(spec)
     weights.pop("layers.0.q_proj.weight")
     with pytest.raises(ValueError, match="drafter.safetensors: tensors do not match"):
@@ -145,7 +151,6 @@ def test_distill_lowers_the_drafter_loss(tmp_path):
     """A few steps on the embedded model move the held-out loss down, and the
     folder it writes loads as a drafter."""
     from drafter.distill import DistillArgs, distill
-    from mlx_diffgem.core.checkpoint import default_model_path
 
     data = _tiny_corpus(tmp_path / "corpus")
     args = DistillArgs(
@@ -160,13 +165,17 @@ def test_distill_lowers_the_drafter_loss(tmp_path):
         lr=3e-3,
         warmup=2,
     )
-    import json
-
     out = distill(args)
     meta = json.loads((out / "distill.json").read_text())
     assert meta["log"][-1]["loss"] < meta["start"]["loss"]
+    # it records its target, and loads for it (unwarned: the fingerprint matches)
+    written = json.loads((out / CONFIG).read_text())["target"]
+    cfg = load_config(default_model_path())
+    assert written == fingerprint(default_model_path(), cfg, (0, 5))
     target, _ = _load(default_model_path(), "torch")
-    described = load_drafter(target, str(out)).plan.describe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        described = load_drafter(target, str(out)).plan.describe()
     assert described["folder"] == str(out)
 
 
@@ -175,7 +184,6 @@ def _tiny_corpus(folder):
     from tokenizers import Tokenizer
 
     from cuda_backend import corpus
-    from mlx_diffgem.core.checkpoint import default_model_path
 
     tok = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
     root = corpus.stdlib_root()
@@ -184,3 +192,104 @@ def _tiny_corpus(folder):
     np.save(folder / "train.npy", corpus.pack(tok, texts[:2]))
     np.save(folder / "heldout.npy", corpus.pack(tok, texts[2:]))
     return folder
+
+
+# --------------------------------------------------------------------------------------
+# The model a drafter was made for (drafter/fingerprint.py)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory):
+    """Tiny models the drafter was not made for: the same shapes with other
+    weights, and another vocabulary size."""
+    root = tmp_path_factory.mktemp("others")
+    return {
+        "weights": build_tiny_checkpoint(root / "seed1", seed=1),
+        "vocab_size": build_tiny_checkpoint(root / "vocab", vocab_size=256),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("other", ["weights", "vocab_size"])
+def test_a_drafter_for_another_model_is_refused(
+    tiny_path, drafter_dir, other_models, backend, other
+):
+    target, _ = _load(other_models[other], backend)
+    with pytest.raises(ValueError, match="^drafter made for a different model: ") as e:
+        load_drafter(target, str(drafter_dir))
+    assert str(drafter_dir) in str(e.value) and "\n" not in str(e.value)
+    assert ("other weights" if other == "weights" else "vocab_size 128") in str(e.value)
+    # ... and loads, unwarned, for the model it was made for
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_drafter(_load(tiny_path, backend)[0], str(drafter_dir))
+
+
+def test_a_folder_without_fingerprint_loads_with_a_warning_until_stamped(
+    tiny_path, drafter_dir, tmp_path
+):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(drafter_dir, old)
+    cfg = json.loads((old / CONFIG).read_text())
+    recorded = cfg.pop("target")
+    (old / CONFIG).write_text(json.dumps(cfg))
+    target, _ = _load(tiny_path, "torch" if HAS_TORCH else "mlx")
+    with pytest.warns(UserWarning, match=f"{old / CONFIG}: no target fingerprint"):
+        load_drafter(target, str(old))
+    stamp(old, tiny_path)
+    assert json.loads((old / CONFIG).read_text())["target"] == recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_drafter(target, str(old))
+
+
+def test_the_shipped_drafter_records_the_default_model():
+    folder = default_model_path()
+    spec = DrafterSpec.from_file(folder / "drafter" / CONFIG)
+    cfg = load_config(folder)
+    assert spec.target == fingerprint(folder, cfg, spec.target_layers)
+
+
+def test_the_weights_hash_reads_what_the_drafter_reads(tiny_path, tmp_path):
+    """Same hash for a bfloat16 copy and a 4-bit conversion of the model (so the
+    drafter still loads there); another hash when a kept layer's norm, the final
+    norm or the self-conditioning pre-norm changes; not when a skipped layer does."""
+    from safetensors.numpy import load_file, save_file
+
+    base = weights_hash(tiny_path, (0, 1))
+    w = load_file(str(tiny_path / "model.safetensors"))
+    changed = {
+        "model.decoder.layers.1.post_feedforward_layernorm.weight": False,
+        "model.decoder.norm.weight": False,
+        "model.decoder.self_conditioning.pre_norm.weight": False,
+        "model.decoder.layers.2.input_layernorm.weight": True,  # not kept
+    }
+    for name, same in changed.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        v = dict(w, **{name: w[name] * 1.5})
+        save_file(v, str(folder / "model.safetensors"), {"format": "pt"})
+        assert (weights_hash(folder, (0, 1)) == base) is same, name
+    if HAS_TORCH:
+        import torch
+        from safetensors.torch import save_file as save_torch
+
+        bf16 = {k: torch.from_numpy(a).to(torch.bfloat16) for k, a in w.items()}
+        (tmp_path / "bf16").mkdir()
+        save_torch(bf16, str(tmp_path / "bf16" / "model.safetensors"))
+        assert weights_hash(tmp_path / "bf16", (0, 1)) == base
+
+
+@needs_mlx
+def test_a_drafter_loads_on_a_4bit_conversion_of_its_model(tiny_path, drafter_dir):
+    from mlx_diffgem.mlx_backend.convert import convert
+
+    out = convert(tiny_path, drafter_dir.parent / "q4", quantize=True, group_size=32)
+    target, _ = _load(out, "mlx")
+    assert target.config.quantization
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_drafter(target, str(drafter_dir))

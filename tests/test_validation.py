@@ -345,3 +345,44 @@ def test_long_left_pad_prefills_in_chunks(model):
         model, ids, attention_mask=mask, seed=0, prefill_chunk=4, **FAST
     )
     assert seqs.shape == (2, 12 + model.config.canvas_length)
+
+
+# --------------------------------------------------------------------------------------
+# Issue 21: right padding refused by name, text that is not valid Unicode
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]],  # right padding
+        [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]],
+        [[0, 1, 1, 1, 1], [1, 0, 1, 1, 1]],  # padding inside a row
+    ],
+)
+def test_padding_after_a_token_is_refused(model, mask):
+    """Only left padding is supported: a right-padded row agreed with its unpadded
+    run on 17-39% of tokens. Refused at the call and at Target.encode."""
+    ids = np.array([[2, 10, 11, 12, 13], [2, 14, 15, 16, 17]], np.int32)
+    match = r"^attention_mask: row \d has padding after a token .*only left padding"
+    with pytest.raises(ValueError, match=match):
+        generate_ids(model, ids, attention_mask=mask, seed=0, **FAST)
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match=match):
+        model.encode(ids, cache, np.array(mask))
+    assert cache.offset == 0
+
+
+def test_lone_surrogate_in_a_prompt_is_named(model, tmp_path):
+    from mlx_diffgem.core.tiny import build_char_tokenizer
+    from mlx_diffgem.core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(build_char_tokenizer(tmp_path))
+    for prompt, name in [
+        ("ab\ud800", "prompt"),
+        ([{"role": "user", "content": "\udc00"}], "messages"),
+    ]:
+        if name == "messages" and not tok.has_chat_template:
+            tok.chat_template = "{{ bos_token }}{{ messages[0].content }}"
+        with pytest.raises(ValueError, match=f"^{name}: a lone surrogate"):
+            dg.generate(model, tok, prompt, max_tokens=8)

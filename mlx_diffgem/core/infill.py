@@ -27,14 +27,18 @@ from typing import Any
 
 import numpy as np
 
+from . import validate as V
 from .backend import CanvasState, DenoisePolicy, Target
-from .config import GenerationConfig
+from .config import MAX_NEW_TOKENS, GenerationConfig
 from .generate import count_passes, generation_config, prefill
 from .noise import NoiseSource, make_noise
 from .stats import Stats
 
 HOLE = "<|hole|>"  # a hole of chosen length (up to max_hole_tokens tokens)
-_MARKER = re.compile(r"<\|hole(?::(\d+))?\|>")
+# Every "<|hole" in a text must open one of the two markers: N in ASCII digits
+# (\d would read "<|hole:\u0663|>" as 3); anything else is refused, not kept as text.
+_OPEN = "<|hole"
+_MARKER = re.compile(r"<\|hole(?::([0-9]+))?\|>")
 
 
 def hole(tokens: int | None = None) -> str:
@@ -65,23 +69,29 @@ class FillResult:
 
 
 def _length(n: Any, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {n!r}")
-    return int(n)
+    """A hole's length: an integer in [1, MAX_NEW_TOKENS] (as max_new_tokens)."""
+    return V.integer(n, name, lo=1, hi=MAX_NEW_TOKENS)
 
 
 def parse_holes(text: str) -> list[str | Hole]:
-    """Split a text at its hole markers (HOLE, or "<|hole:N|>" for N tokens)."""
-    if not isinstance(text, str):
-        raise ValueError(
-            f"text_with_holes: expected a string, got {type(text).__name__}"
-        )
+    """Split a text at its hole markers (HOLE, or "<|hole:N|>" for N tokens, N in
+    [1, MAX_NEW_TOKENS]). Any other "<|hole" (malformed, unterminated, nested) is
+    refused: to keep that string as text, pass a list of parts instead."""
+    V.text(text, "text_with_holes")
     parts: list[str | Hole] = []
     end = 0
-    for m in _MARKER.finditer(text):
-        parts.append(text[end : m.start()])
-        n = None if m.group(1) is None else _length(int(m.group(1)), m.group(0))
-        parts.append(Hole(n))
+    while (start := text.find(_OPEN, end)) >= 0:
+        m = _MARKER.match(text, start)
+        if m is None:
+            close = text.find("|>", start)
+            bad = text[start : close + 2 if close >= 0 else start + len(_OPEN)]
+            raise ValueError(
+                f"text_with_holes: malformed hole marker {V.show(bad)} at index "
+                f"{start}; expected {HOLE!r} or '<|hole:N|>' with N in [1, "
+                f"{MAX_NEW_TOKENS}] (for the text itself, pass a list of parts)"
+            )
+        parts.append(text[end:start])
+        parts.append(Hole(None if m[1] is None else _marker_length(m)))
         end = m.end()
     parts.append(text[end:])
     if len(parts) == 1:
@@ -92,11 +102,24 @@ def parse_holes(text: str) -> list[str | Hole]:
     return parts
 
 
+def _marker_length(m: re.Match) -> int:
+    digits = m[1]
+    n = int(digits) if len(digits) <= 18 else 0  # int() refuses 4300+ digits
+    if not 1 <= n <= MAX_NEW_TOKENS:
+        raise ValueError(
+            f"text_with_holes: hole marker {V.show(m[0])}: expected a length in "
+            f"[1, {MAX_NEW_TOKENS}] tokens"
+        )
+    return n
+
+
 class _Layout:
     """The token sequence being filled: ids (-1 where unfilled) and hole numbers."""
 
     def __init__(self, tokenizer: Any, parts: list[str | Hole], max_hole: int):
         ids, owner, self.chosen = [tokenizer.bos_token_id], [-1], []
+        # The user's text, literally: "<eos>" in it is text, not the special token.
+        encode = getattr(tokenizer, "encode_plain", tokenizer.encode)
         for part in parts:
             if isinstance(part, Hole):
                 n = max_hole if part.tokens is None else part.tokens
@@ -104,7 +127,7 @@ class _Layout:
                 owner += [len(self.chosen)] * n
                 self.chosen.append(part.tokens is None)
             else:
-                tok = tokenizer.encode(part)
+                tok = encode(part)
                 ids += tok
                 owner += [-1] * len(tok)
         if ids[0] is None:
@@ -199,11 +222,17 @@ def fill(
 ) -> FillResult:
     """Fill the holes of a text; every other token stays as given.
 
+    The text around the holes is the user's, literally: encoded as plain text
+    (a special-token string such as "<eos>" in it is text, not that token), and
+    returned byte for byte (`text` is the given text with each hole's text put in).
+
     Args:
         text_with_holes: a string with hole markers (HOLE, or "<|hole:N|>" for
-            exactly N tokens), or a list of literal strings and Hole objects.
+            exactly N tokens, N in [1, MAX_NEW_TOKENS]; any other "<|hole" is
+            refused), or a list of literal strings and Hole objects.
         max_hole_tokens: the most tokens a chosen-length hole gets (default: one
-            canvas); it ends at the first <eos>/<pad> the model puts in it.
+            canvas; at most MAX_NEW_TOKENS); it ends at the first <eos>/<pad> the
+            model puts in it. All holes together: at most MAX_NEW_TOKENS tokens.
         seed / noise: randomness, as in generate_ids.
         **generation_overrides: sampler settings (max_denoising_steps, t_min, ...).
 
@@ -221,6 +250,7 @@ def fill(
     max_hole = (
         C if max_hole_tokens is None else _length(max_hole_tokens, "max_hole_tokens")
     )
+    _check_total(parts, max_hole)
     gen = generation_config(model, generation_overrides)
     layout = _Layout(tokenizer, parts, max_hole)
     stats = Stats(prompt_tokens=int((layout.ids >= 0).sum()))
@@ -229,10 +259,25 @@ def fill(
     stats.generation_time = time.perf_counter() - t0 - stats.prompt_time
     stats.finish_reason = "stop"
     holes = [tokenizer.decode(layout.hole_ids(k)) for k in range(len(layout.chosen))]
+    filled = iter(holes)
+    # The fixed text as given, not as decoded: a tokenizer's round trip may not
+    # be exact (normalizers, a literal "\u2581" in a SentencePiece vocabulary).
+    text = "".join(next(filled) if isinstance(p, Hole) else p for p in parts)
     ids = layout.ids.astype(np.int32)
-    return FillResult(
-        tokenizer.decode(ids[1:].tolist()), holes, ids, layout.owner >= 0, stats
-    )
+    return FillResult(text, holes, ids, layout.owner >= 0, stats)
+
+
+def _check_total(parts: list[str | Hole], max_hole: int) -> None:
+    total = sum(max_hole if p.tokens is None else p.tokens for p in _holes(parts))
+    if total > MAX_NEW_TOKENS:
+        raise ValueError(
+            f"text_with_holes: the holes add up to {total} tokens; expected at most "
+            f"{MAX_NEW_TOKENS}"
+        )
+
+
+def _holes(parts: list[str | Hole]) -> list[Hole]:
+    return [p for p in parts if isinstance(p, Hole)]
 
 
 def _check_parts(parts: Any) -> list[str | Hole]:
@@ -240,12 +285,14 @@ def _check_parts(parts: Any) -> list[str | Hole]:
         isinstance(p, Hole) for p in parts
     ):
         raise ValueError("text_with_holes: expected a string or a list with a Hole")
-    for p in parts:
-        if not isinstance(p, str | Hole):
+    for i, p in enumerate(parts):
+        if isinstance(p, str):
+            V.text(p, f"text_with_holes[{i}]")
+        elif not isinstance(p, Hole):
             raise ValueError(
                 f"text_with_holes: expected str or Hole parts, got {type(p).__name__}"
             )
-        if isinstance(p, Hole) and p.tokens is not None:
+        elif p.tokens is not None:
             _length(p.tokens, "Hole.tokens")
     return list(parts)
 
@@ -279,10 +326,11 @@ def infill(
         **kwargs: as `fill` (seed, noise, sampler settings).
     """
     for name, value in (("prefix", prefix), ("suffix", suffix)):
-        if not isinstance(value, str):
-            raise ValueError(f"{name}: expected a string, got {type(value).__name__}")
+        V.text(value, name)
     if length is not None and max_tokens is not None:
         raise ValueError("length: give either length= (exact) or max_tokens=, not both")
     n = None if length is None else _length(length, "length")
+    if max_tokens is not None:
+        _length(max_tokens, "max_tokens")
     parts = [prefix, Hole(n), suffix]
     return fill(model, tokenizer, parts, max_hole_tokens=max_tokens, **kwargs).holes[0]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .config import ModelConfig
+from .validate import is_int, show
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,16 @@ class PassPlan:
     def checked(self, config: ModelConfig) -> PassPlan:
         """Self, after checking every setting against the model's config."""
         L, V = config.num_hidden_layers, config.vocab_size
-        if self.layers is not None and (
-            not self.layers
-            or len(set(self.layers)) != len(self.layers)
-            or min(self.layers) < 0
-            or max(self.layers) >= L
+        layers = self.layers
+        if layers is not None and (
+            not isinstance(layers, tuple | list)
+            or not layers
+            or not all(is_int(i) and 0 <= i < L for i in layers)
+            or len(set(layers)) != len(layers)
         ):
             raise ValueError(
-                f"drafter: layers={self.layers}: expected distinct layer indices "
-                f"in [0, {L})"
+                f"drafter: layers={show(layers)}: expected distinct integer layer "
+                f"indices in [0, {L})"
             )
         _bound("top_k", self.top_k, config.num_experts)
         _bound("sc_top_k", self.sc_top_k, V)
@@ -80,6 +82,8 @@ class PassPlan:
         }
 
 
-def _bound(name: str, value: int | None, hi: int) -> None:
-    if value is not None and not 1 <= value <= hi:
-        raise ValueError(f"drafter: {name}={value}: expected an integer in [1, {hi}]")
+def _bound(name: str, value: int | None, hi: int | None) -> None:
+    if value is not None and not (is_int(value) and 1 <= value <= (hi or 0)):
+        raise ValueError(
+            f"drafter: {name}={show(value)}: expected an integer in [1, {hi}]"
+        )

@@ -22,6 +22,7 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import validate as V
 from .checkpoint import load_config, load_generation_config
 from .config import GenerationConfig, read_json
 from .errors import CheckpointError, ConfigError
@@ -78,8 +79,27 @@ class Tokenizer:
     chat_template: str | None = None
     name: str = "tokenizer"  # the folder, for error messages
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool = False, *, name: str = "text"
+    ) -> list[int]:
+        """Ids of `text`; special-token strings in it ("<eos>") become those tokens
+        (chat templates rely on it). `name`: the argument an error names."""
+        V.text(text, name)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_plain(self, text: str, *, name: str = "text") -> list[int]:
+        """Ids of a user's `text` taken literally: a special-token string in it
+        ("<eos>", "<pad><bos>") is encoded as the characters it is made of, so the
+        ids decode back to `text` instead of losing it as a skipped special."""
+        V.text(text, name)
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def _plain(self) -> tokenizers.Tokenizer:
+        # A copy: the flag is the tokenizer's state, and `encode` needs it off.
+        plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
@@ -144,7 +164,7 @@ class Tokenizer:
             "enable_thinking": enable_thinking,
         }
         text = _render(template, source, variables)
-        return self.encode(text) if tokenize else text
+        return self.encode(text, name="messages") if tokenize else text
 
 
 def _check_messages(messages: Any) -> None:
@@ -320,7 +340,7 @@ def format_prompt(
         )
     if is_messages:
         raise ValueError("prompt: chat=False needs a string, got a list of messages")
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode(prompt, name="prompt")
     bos = tokenizer.bos_token_id
     if bos is not None and ids[:1] != [bos]:
         ids = [bos, *ids]

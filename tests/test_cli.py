@@ -276,3 +276,131 @@ def test_compile_says_compiling_and_times_apart():
     assert out.returncode == 0, out.stderr
     assert "compiling the denoising step" in out.stderr
     assert "compile:" in out.stderr and "not in the rates" in out.stderr
+
+
+# -- arguments checked before the model loads (issue 22) -------------------------------
+
+FAST_ERRORS = [
+    (["generate", "--prompt", "x", "--max-tokens", "-5"], "max_new_tokens must be"),
+    (["generate", "--prompt", "x", "--max-tokens", str(2**20 + 1)], "1048576"),
+    (["generate", "--prompt", "x", "--t-min", "-1"], "t_min must be"),
+    (["generate", "--prompt", "x", "--max-denoising-steps", "0"], "[1, 10000]"),
+    (["generate", "--prompt", "x", "--t-min", "0.5", "--t-max", "0.5"], "t_max must"),
+    (["generate", "--prompt", "x", "--stability-threshold", "-1"], "stability"),
+    (["generate", "--prompt", "x", "--draft-steps", "8"], "only applies with"),
+    (
+        ["generate", "--prompt", "x", "--drafter", "self", "--draft-steps", "0"],
+        "draft_",
+    ),
+    (["generate", "--prompt", "x", "--drafter", "self", "--max-rounds", "-1"], "max_r"),
+    (["generate", "--prompt", "x", "--model", "."], "not a model folder (no config"),
+    (["infill", "--prefix-file", "a", "--suffix-file", "b", "--length", "100000000"],)
+    + ("--length must be an integer in [1, 1048576]",),
+    (["infill", "--prefix-file", "a", "--suffix-file", "b", "--max-tokens", "0"],)
+    + ("--max-tokens must be",),
+    (["infill", "--prefix-file", "a", "--suffix-file", "b", "--t-max", "nan"],)
+    + ("t_max must be",),
+    (["infill", "--prefix-file", "a", "--suffix-file", "b", "--refine-steps", "2"],)
+    + ("only applies",),
+    (["infill", "--prefix-file", "-", "--suffix-file", "-"], "only one of them"),
+    (["infill", "--prefix-file", "a", "--suffix-file", "b", "--model", "."],)
+    + ("not a model folder",),
+    (["serve", "--port", "70000"], "--port must be an integer in [1, 65535]"),
+    (["serve", "--max-queue", "0"], "--max-queue must be"),
+    (["serve", "--timeout", "-1"], "--timeout must be"),
+    (["serve", "--max-tokens-limit", str(2**21)], "[1, 1048576]"),
+    (["serve", "--max-prompt-tokens", "0"], "--max-prompt-tokens must be"),
+    (["serve", "--max-request-bytes", "-1"], "--max-request-bytes must be"),
+    (["serve", "--drafter", "self", "--draft-steps", "0"], "draft_steps must be"),
+    (["serve", "--max-rounds", "3"], "--max-rounds: only applies with --drafter"),
+    (["serve", "--model", "."], "not a model folder"),
+]
+
+
+@pytest.mark.parametrize("argv, message", FAST_ERRORS, ids=lambda a: " ".join(a))
+def test_bad_arguments_are_refused_before_the_model_loads(
+    monkeypatch, capsys, argv, message
+):
+    """The same one-line messages the API gives, with nothing loaded: a typo
+    costs nothing (it used to cost a model load of 20-40 s)."""
+    from mlx_diffgem import api
+    from mlx_diffgem.serve import server
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(api, "load", no_load)
+    monkeypatch.setattr(server, "start_engine", no_load)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_bad_arguments_come_back_at_once_from_the_command():
+    """The console command itself, as a user runs it (no import of a backend)."""
+    import time
+
+    for argv in (
+        ["generate", "--prompt", "x", "--max-tokens", "-5"],
+        ["infill", "--prefix-file", "a", "--suffix-file", "b", "--length", "0"],
+        ["serve", "--port", "0"],
+    ):
+        t0 = time.monotonic()
+        out = _cli(*argv)
+        assert out.returncode == 2 and out.stderr.startswith("error: "), out.stderr
+        assert "Traceback" not in out.stderr
+        assert time.monotonic() - t0 < 30  # a load took 20-40 s under load
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    import importlib
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    importlib.import_module(f"mlx_diffgem.cli.{command}").add_parser(sub)
+    return sub.choices[command]
+
+
+@pytest.mark.parametrize("command", ["generate", "infill", "serve"])
+def test_every_option_has_help_and_the_command_a_description(command):
+    p = _parser(command)
+    assert p.description
+    missing = [a.option_strings for a in p._actions if not a.help]
+    assert not missing
+
+
+def test_help_states_the_bounds_of_the_core():
+    from mlx_diffgem.cli import options
+    from mlx_diffgem.core.config import MAX_DENOISING_STEPS, MAX_NEW_TOKENS
+
+    assert f"{MAX_NEW_TOKENS:,}" in options.TOKENS_RANGE and MAX_NEW_TOKENS == 2**20
+    assert options.STEPS_RANGE == f"1..{MAX_DENOISING_STEPS:,}"
+    text = _parser("generate").format_help()
+    for flag in ("--max-tokens", "--max-denoising-steps", "--draft-steps"):
+        assert flag in text
+    assert text.count("1..10,000") >= 4 and "1..1,048,576" in text
+    assert "modulo 2**64" in text and "-1 is 2**64-1" in text
+    infill = _parser("infill").format_help()
+    assert infill.count("1..1,048,576") == 2 and "modulo 2**64" in infill
+
+
+def test_serve_help_shows_defaults_and_the_drafters():
+    text = " ".join(_parser("serve").format_help().split())
+    for default in ("8080", "127.0.0.1", "(default: 16)", "(default: 600)", "4096"):
+        assert default in text
+    assert "{auto,mlx,torch}" in text
+    assert "much worse text" in text and "14% of completions parse" in text
+    assert "413" in text and "4 MiB" in text
+
+
+def test_serve_passes_auto_and_the_spec_policy(monkeypatch):
+    from mlx_diffgem.core.speculative import SpecPolicy
+    from mlx_diffgem.serve import server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda model, **kw: seen.update(kw) or 0)
+    argv = ["serve", "--drafter", "self", "--draft-steps", "8", "--max-rounds", "2"]
+    assert cli.main(argv) == 0
+    assert seen["backend"] == "auto" and seen["drafter"] == "self"
+    assert seen["speculative"] == SpecPolicy(draft_steps=8, max_rounds=2)
+    assert seen["limits"].body_bytes(131_072) == 4 << 20

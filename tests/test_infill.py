@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import HAS_MLX, HAS_TORCH, needs_torch
+from fuzz_cases import HOLE_CASES, names_key
 
 import mlx_diffgem as dg
 from mlx_diffgem.core.backend import CanvasResult, CanvasState, DenoisePolicy
@@ -234,9 +235,18 @@ def test_infill_and_edit_return_the_middle_and_the_text():
     ("call", "match"),
     [
         (lambda t: fill(t, TOK, "no holes here"), "text_with_holes: no hole marker"),
-        (lambda t: fill(t, TOK, "a<|hole:0|>b"), "<|hole:0|>: expected a positive"),
+        (lambda t: fill(t, TOK, "a<|hole:0|>b"), "'<|hole:0|>': expected a length"),
         (lambda t: fill(t, TOK, ["a", 3, Hole()]), "expected str or Hole parts"),
-        (lambda t: fill(t, TOK, ["a", Hole(-2)]), "Hole.tokens: expected a positive"),
+        (lambda t: fill(t, TOK, ["a", Hole(-2)]), "Hole.tokens must be an integer"),
+        (lambda t: fill(t, TOK, ["a", Hole(2**20 + 1)]), r"Hole.tokens .*1048576"),
+        (lambda t: fill(t, TOK, ["a", Hole(1.5)]), "Hole.tokens"),
+        (lambda t: fill(t, TOK, ["a\ud800", Hole()]), r"text_with_holes\[0\]: a lone"),
+        (lambda t: fill(t, TOK, "a" + dg.HOLE, max_hole_tokens=2**21), "max_hole_t"),
+        (lambda t: dg.infill(t, TOK, "a\ud800", "b"), "prefix: a lone surrogate"),
+        (lambda t: dg.infill(t, TOK, "a", "b\udfff"), "suffix: a lone surrogate"),
+        (lambda t: dg.infill(t, TOK, "a", "b", length=2**21), "length"),
+        (lambda t: dg.infill(t, TOK, "a", "b", max_tokens=2**21), "max_tokens must"),
+        (lambda t: dg.hole(2**21), "hole must be an integer"),
         (lambda t: fill(t, None, "a" + dg.HOLE), "tokenizer: infill needs"),
         (lambda t: fill(t, TOK, "a" + dg.HOLE, max_hole_tokens=0), "max_hole_tokens"),
         (lambda t: dg.infill(t, TOK, "a", "b", length=2, max_tokens=3), "length:"),
@@ -246,7 +256,7 @@ def test_infill_and_edit_return_the_middle_and_the_text():
 )
 def test_bad_arguments_get_one_line_errors(call, match):
     with pytest.raises(ValueError, match=match.replace("|", r"\|")) as e:
-        call(ScriptedTarget())
+        call(NoWork())
     assert "\n" not in str(e.value)
 
 
@@ -258,6 +268,41 @@ def test_markers_parse():
         Hole(7),
         "",
     ]
+
+
+class NoWork(ScriptedTarget):
+    """A target that fails the test as soon as any work starts: a refused call
+    must be refused before it (a reverted check fails here, not by hanging)."""
+
+    def new_cache(self, batch_size):
+        raise AssertionError("the call was accepted: a cache was made")
+
+
+@pytest.mark.parametrize("case", range(len(HOLE_CASES)))
+def test_hole_marker_cases(case):
+    """Every "<|hole" is a well-formed marker, or the text is refused by a
+    one-line error naming the marker (never kept as literal text)."""
+    text, key = HOLE_CASES[case]
+    if not key:  # parsing only: some of these holes are 2**20 tokens long
+        assert any(isinstance(p, Hole) for p in parse_holes(text))
+        return
+    with pytest.raises(ValueError) as e:
+        fill(NoWork(), TOK, text)
+    assert names_key(str(e.value), key), str(e.value)
+
+
+def test_malformed_marker_is_text_in_the_list_form():
+    target = ScriptedTarget(C=8)
+    r = fill(target, TOK, ["a <|hole:-1|> ", Hole(2), " <|hole"])
+    assert r.text == "a <|hole:-1|> AA <|hole" and r.holes == ["AA"]
+
+
+def test_fixed_text_is_the_given_text_even_where_decoding_is_not_exact():
+    """The text around the holes comes back as given, not as the tokenizer's
+    round trip (CharTokenizer drops what is not ASCII)."""
+    target = ScriptedTarget(C=8)
+    r = fill(target, TOK, "caf\u00e9 = " + dg.hole(2) + " # \u2581\U0001f600\n")
+    assert r.text == "caf\u00e9 = AA # \u2581\U0001f600\n" and r.holes == ["AA"]
 
 
 # --------------------------------------------------------------------------------------
@@ -288,6 +333,32 @@ def test_fixed_text_comes_back_byte_for_byte(backend):
     )  # 80 tokens: more than a canvas
 
 
+SPECIAL_TEXT = "x = '<eos>' + <|hole:4|> + '<pad><bos>' # <mask><unk>\n"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_special_token_strings_in_fixed_text_stay_text(backend):
+    """'<eos>', '<pad><bos>' in the user's text are text: encoded as plain text
+    (not as the special tokens, which decoding would drop) and returned exactly."""
+    model, tok = _load_default(backend)
+    r = fill(model, tok, SPECIAL_TEXT, seed=0, max_denoising_steps=2)
+    before, after = SPECIAL_TEXT.split("<|hole:4|>")
+    assert r.text == before + r.holes[0] + after
+    fixed = r.ids[~r.filled].tolist()
+    assert fixed == [
+        tok.bos_token_id,
+        *tok.encode_plain(before),
+        *tok.encode_plain(after),
+    ]
+    specials = {tok.token_to_id(t) for t in ("<eos>", "<pad>", "<bos>", "<mask>")}
+    assert not specials & set(fixed[1:])
+    assert tok.decode(fixed[1:]) == before + after  # the ids decode back, too
+
+
+def _load_default(backend):
+    return dg.load(backend=backend, **({"device": "cpu"} if backend == "torch" else {}))
+
+
 @needs_torch
 def test_infill_with_a_self_drafter_keeps_the_fixed_text():
     model, tok = dg.load(backend="torch", device="cpu", drafter="self")
@@ -313,9 +384,14 @@ def test_cli_infill_reads_stdin_and_prints_the_text(tmp_path, capsys, monkeypatc
     ]
     opts = ["--length", "6", "--backend", "torch", "--device", "cpu", "--whole"]
     assert main(argv + opts) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.startswith(CODE_PREFIX) and out.endswith(CODE_SUFFIX)
     assert len(out) > len(CODE_PREFIX + CODE_SUFFIX)
+    # the stats as a block, one fact per line, as `diffgem generate` prints them
+    block = captured.err.split("=" * 10 + "\n", 1)[1].splitlines()
+    assert block[0].startswith("prompt: ") and block[1].startswith("generation: 6 ")
+    assert any(line.startswith("tokens/forward: ") for line in block)
 
 
 def _held_out_lines(tok, n: int) -> list[tuple[str, str, str]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import options
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,41 +18,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "canvas by canvas, the stats go to stderr.",
     )
     # The order of these calls is the order of the usage line.
-    _model_options(p)
+    options.add_model(p, compile_option=True)
     _prompt_options(p)
-    _sampler_options(p)
+    options.add_sampler(p)
     _chat_and_draft_options(p)
-    _speculative_options(p)
-
-
-def _model_options(p: argparse.ArgumentParser) -> None:
-    """Which model, on which backend, device and dtype."""
-    p.add_argument(
-        "--model", default=None, help="local folder or HF repo id (default: embedded)"
-    )
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=["auto", "mlx", "torch"],
-        help="auto (default): MLX on Apple silicon, else torch when installed "
-        "(CUDA, or CPU, where it is faster than MLX's CPU backend), else MLX",
-    )
-    p.add_argument("--device", default=None, help="torch backend: cuda, cpu or mps")
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="MODE",
-        help="torch backend: torch.compile the step (MODE: a torch.compile mode, "
-        "e.g. reduce-overhead for CUDA graphs); compiles first, untimed",
-    )
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="weights and activations (default: bfloat16 on a GPU, float32 on CPU)",
-    )
+    options.add_speculative(p)
 
 
 def _prompt_options(p: argparse.ArgumentParser) -> None:
@@ -60,16 +32,11 @@ def _prompt_options(p: argparse.ArgumentParser) -> None:
         "--max-tokens",
         type=int,
         default=None,
-        help="new tokens, rounded up to whole canvases (default: the model's "
-        "generation_config, 256)",
+        metavar="N",
+        help=f"new tokens, {options.TOKENS_RANGE}, rounded up to whole canvases "
+        "(default: the model's generation_config, 256)",
     )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the sampling noise (default 0; MLX and torch draw different "
-        "numbers from the same seed)",
-    )
+    options.add_seed(p)
 
 
 def _chat_and_draft_options(p: argparse.ArgumentParser) -> None:
@@ -89,98 +56,14 @@ def _chat_and_draft_options(p: argparse.ArgumentParser) -> None:
         help="encode the prompt as plain text (the default for a text prompt)",
     )
     p.add_argument("--draft", action="store_true", help="show the live canvas per step")
-
-
-def _speculative_options(p: argparse.ArgumentParser) -> None:
-    """Speculative decoding: the drafter and its policy (api.load's speculative)."""
     p.add_argument(
-        "--drafter",
-        default=None,
-        metavar="SPEC",
-        help="decode speculatively: 'self' (the model's own weights, run cheaply), "
-        "'self:layers=0,5 top_k=1 sc_top_k=32 head_vocab=1024' (explicit cuts), "
-        "'target' (the model at full cost) or 'default' (the drafter shipped with "
-        "the model)",
+        "--no-heal",
+        dest="heal",
+        action="store_false",
+        help="turn token healing off: by default a plain-text prompt may end "
+        "anywhere (after a newline, inside a word): its last token is taken back and "
+        "the first generated one must extend it",
     )
-    p.add_argument(
-        "--draft-steps",
-        type=int,
-        default=None,
-        help="with --drafter: drafter passes before the first verify, at most "
-        "(default 24; fewer are faster and cost quality)",
-    )
-    p.add_argument(
-        "--max-rounds",
-        type=int,
-        default=None,
-        help="with --drafter: verify rounds before the model finishes the canvas "
-        "natively (default 8)",
-    )
-    p.add_argument(
-        "--draft-entropy-bound",
-        type=float,
-        default=None,
-        help="with --drafter: the drafter's entropy bound per pass (default: the "
-        "model's); larger means fewer drafter passes and more rejected drafts",
-    )
-
-
-def _sampler_options(p: argparse.ArgumentParser) -> None:
-    """The denoising sampler's settings (defaults: the model's generation_config)."""
-    g = p.add_argument_group(
-        "sampler", "defaults come from the model's generation_config.json"
-    )
-    g.add_argument(
-        "--max-denoising-steps",
-        type=int,
-        default=None,
-        metavar="N",
-        help="most denoising passes per canvas (release: 48)",
-    )
-    g.add_argument(
-        "--t-min",
-        type=float,
-        default=None,
-        metavar="T",
-        help="sampling temperature of the last pass (release: 0.4); it falls "
-        "linearly from --t-max",
-    )
-    g.add_argument(
-        "--t-max",
-        type=float,
-        default=None,
-        metavar="T",
-        help="sampling temperature of the first pass (release: 0.8)",
-    )
-    g.add_argument(
-        "--entropy-bound",
-        type=float,
-        default=None,
-        metavar="H",
-        help="per pass, keep the lowest-entropy positions while their summed "
-        "entropy stays under H and renoise the rest (release: 0.1)",
-    )
-    g.add_argument(
-        "--confidence-threshold",
-        type=float,
-        default=None,
-        metavar="H",
-        help="a canvas stops before --max-denoising-steps once its mean entropy "
-        "is under H and it is stable (release: 0.005)",
-    )
-    g.add_argument(
-        "--stability-threshold",
-        type=int,
-        default=None,
-        metavar="N",
-        help="stable: its argmax has not changed for N passes (release: 1)",
-    )
-
-
-def _overrides(args: argparse.Namespace) -> dict:
-    from ..core.config import SAMPLER_KEYS
-
-    return {k: getattr(args, k) for k in SAMPLER_KEYS if getattr(args, k) is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,14 +71,17 @@ def run(args: argparse.Namespace) -> int:
     from ..core.tokenizer import format_prompt
     from . import terminal
 
-    model, tokenizer = _load_generate(args)
+    # Every flag is checked before the model loads (seconds, or minutes for a
+    # download): a typo costs nothing.
+    overrides = options.sampler_overrides(args, max_new_tokens=args.max_tokens)
+    model, tokenizer = api.load(args.model, **options.load_options(args))
     if tokenizer is None:
         raise SystemExit(
             f"error: {model.path} has no tokenizer.json; use the Python API with ids"
         )
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = format_prompt(tokenizer, prompt, args.chat)
-    compile_s = _warm_up(model, ids, args) if args.compile else None
+    compile_s = _warm_up(model, ids, args, overrides) if args.compile else None
     memory = terminal.memory_label(model)
     if len(ids) >= terminal.PREFILL_BAR_MIN and terminal.tty():
         model = terminal.PrefillProgress(model, len(ids))
@@ -207,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         seed=args.seed,
         draft=args.draft,
-        **_overrides(args),
+        heal=args.heal and not args.chat,  # the ids of a plain-text prompt
+        **overrides,
     )
     with _canvas_bar(model, args) as bar:
         for r in responses:
@@ -221,39 +108,17 @@ def run(args: argparse.Namespace) -> int:
             stats = r.stats
     print()
     if stats is not None:
-        lines = terminal.stats_lines(
+        terminal.print_stats(
             stats,
             canvas=model.config.canvas_length,
             max_tokens=args.max_tokens,
             memory=memory,
             compile_s=compile_s,
         )
-        print("=" * 10, *lines, sep="\n", file=sys.stderr)
     return 0
 
 
-def _load_generate(args: argparse.Namespace):
-    from .. import api
-
-    opts = {"device": args.device} if args.device else {}
-    if args.compile is not None:
-        opts["compile"] = args.compile
-    spec = {
-        k: getattr(args, k)
-        for k in ("draft_steps", "max_rounds", "draft_entropy_bound")
-        if getattr(args, k) is not None
-    }
-    return api.load(
-        args.model,
-        backend=args.backend,
-        dtype=args.dtype,
-        drafter=args.drafter,
-        speculative=spec or None,
-        **opts,
-    )
-
-
-def _warm_up(model, ids: list[int], args: argparse.Namespace) -> float:
+def _warm_up(model, ids: list[int], args: argparse.Namespace, overrides: dict) -> float:
     """Compile the step on a one-canvas run, so compile time stays out of tok/s."""
     import time
 
@@ -266,9 +131,7 @@ def _warm_up(model, ids: list[int], args: argparse.Namespace) -> float:
     )
     t0 = time.perf_counter()
     # a short prompt: shapes are dynamic, so the graphs serve the real prompt too
-    generate_ids(
-        model, [ids[:16]], seed=args.seed, max_new_tokens=1, **_overrides(args)
-    )
+    generate_ids(model, [ids[:16]], seed=args.seed, max_new_tokens=1, **overrides)
     return time.perf_counter() - t0
 
 

@@ -9,31 +9,58 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import options
+
+DESCRIPTION = """\
+Fill the text between a prefix and a suffix. The model sees the text on both
+sides of the gap: the given tokens sit in its canvas and are never changed, only
+the gap is denoised. The middle (or with --whole the whole text) goes to stdout,
+the stats to stderr."""
+
+EXAMPLES = """\
+examples:
+  diffgem infill --prefix-file head.py --suffix-file tail.py > middle.py
+  cat head.py | diffgem infill --prefix-file - --suffix-file tail.py --whole
+  diffgem infill --prefix-file head.py --suffix-file tail.py --length 12"""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("infill", help="fill the text between a prefix and a suffix")
-    p.add_argument("--prefix-file", required=True, help="text before ('-': stdin)")
-    p.add_argument("--suffix-file", required=True, help="text after ('-': stdin)")
+    p = sub.add_parser(
+        "infill",
+        help="fill the text between a prefix and a suffix",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--prefix-file", required=True, help="the text before the gap ('-': stdin)"
+    )
+    p.add_argument(
+        "--suffix-file", required=True, help="the text after the gap ('-': stdin)"
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--max-tokens",
         type=int,
         default=None,
-        help="the middle's most tokens; it ends at <eos> (default: one canvas)",
+        metavar="N",
+        help=f"the middle's most tokens, {options.TOKENS_RANGE}; it ends at the "
+        "first <eos> the model writes (default: one canvas)",
     )
-    size.add_argument("--length", type=int, default=None, help="exactly N tokens")
+    size.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"exactly N tokens, {options.TOKENS_RANGE}",
+    )
     p.add_argument(
         "--whole", action="store_true", help="print prefix + middle + suffix"
     )
-    p.add_argument(
-        "--model", default=None, help="local folder or HF repo id (default: embedded)"
-    )
-    p.add_argument("--backend", default=None, choices=["auto", "mlx", "torch"])
-    p.add_argument("--device", default=None, help="torch backend: cuda, cpu or mps")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--drafter", default=None, metavar="SPEC", help="e.g. 'self'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-denoising-steps", type=int, default=None)
+    options.add_seed(p)
+    options.add_model(p)
+    options.add_sampler(p)
+    options.add_speculative(p)
 
 
 def _read(path: str, name: str) -> str:
@@ -46,32 +73,43 @@ def _read(path: str, name: str) -> str:
         raise FileNotFoundError(f"{name}: cannot read {path}: {e.strerror}") from e
 
 
-def run(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace) -> dict:
+    """Every flag, before the files are read and the model loads."""
+    from ..core.config import MAX_NEW_TOKENS
+    from ..core.validate import integer
+
     if args.prefix_file == "-" and args.suffix_file == "-":
         raise ValueError("--prefix-file/--suffix-file: only one of them can be '-'")
-    prefix = _read(args.prefix_file, "--prefix-file")
-    suffix = _read(args.suffix_file, "--suffix-file")
+    for flag in ("length", "max_tokens"):
+        value = getattr(args, flag)
+        if value is not None:
+            integer(value, f"--{flag.replace('_', '-')}", lo=1, hi=MAX_NEW_TOKENS)
+    return options.sampler_overrides(args)
+
+
+def run(args: argparse.Namespace) -> int:
     from .. import api
     from ..core.infill import Hole, fill
+    from . import terminal
 
-    opts = {"device": args.device} if args.device else {}
-    if args.backend is not None:
-        opts["backend"] = args.backend
-    model, tokenizer = api.load(
-        args.model, dtype=args.dtype, drafter=args.drafter, **opts
-    )
-    if args.length is not None and args.length <= 0:
-        raise ValueError(f"--length: expected a positive integer, got {args.length}")
-    steps = args.max_denoising_steps
+    overrides = _check(args)
+    load = options.load_options(args)
+    prefix = _read(args.prefix_file, "--prefix-file")
+    suffix = _read(args.suffix_file, "--suffix-file")
+    model, tokenizer = api.load(args.model, **load)
+    memory = terminal.memory_label(model)
     r = fill(
         model,
         tokenizer,
         [prefix, Hole(args.length), suffix],
         max_hole_tokens=args.max_tokens,
         seed=args.seed,
-        **({} if steps is None else {"max_denoising_steps": steps}),
+        **overrides,
     )
     sys.stdout.write(r.text if args.whole else r.holes[0])
     sys.stdout.flush()
-    print("\n" + "=" * 10 + "\n" + r.stats.summary(), file=sys.stderr)
+    print(file=sys.stderr)
+    terminal.print_stats(
+        r.stats, canvas=model.config.canvas_length, max_tokens=None, memory=memory
+    )
     return 0

@@ -18,6 +18,8 @@ examples:
   diffgem generate --prompt "def fibonacci(n):" --max-tokens 64
   diffgem generate --model google/diffusiongemma-26B-A4B-it --prompt "Hi" --chat
   diffgem generate --prompt "def add(a, b):" --drafter self
+  diffgem infill --prefix-file head.py --suffix-file tail.py
+  diffgem serve --port 8080
   diffgem bench run --help
 
 `diffgem COMMAND --help` lists each command's options."""
@@ -58,3 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status, no traceback
+        print(file=sys.stderr)
+        return 130

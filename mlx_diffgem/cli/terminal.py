@@ -1,4 +1,4 @@
-"""What `diffgem generate` shows on a terminal: progress bars and the stats block.
+"""What `diffgem generate` and `infill` show on a terminal: progress, the stats.
 
 Progress goes to stderr and only when stderr is a terminal (tqdm), so pipes and logs
 stay clean. The stats block says what each number means, since a diffusion model's
@@ -120,6 +120,11 @@ def stats_lines(
     if compile_s is not None:
         lines.append(f"compile: {compile_s:.1f} s (warm-up run, not in the rates)")
     return lines
+
+
+def print_stats(stats: Stats, **kw: Any) -> None:
+    """The stats block on stderr, under a rule (`stats_lines`' keyword arguments)."""
+    print("=" * 10, *stats_lines(stats, **kw), sep="\n", file=sys.stderr)
 
 
 def _rounding(max_tokens: int | None, canvas: int) -> str:

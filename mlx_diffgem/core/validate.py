@@ -151,6 +151,21 @@ def token_ids(
     return [token_id(v, name, vocab_size, source=source, error=error) for v in items]
 
 
+def text(value: Any, name: str) -> str:
+    """A str that is valid Unicode: a lone surrogate ("\\ud800", from a bad
+    decode) cannot be encoded to UTF-8, and the tokenizer would raise a TypeError."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{name}: a lone surrogate {value[e.start]!r} at index {e.start}; "
+            "expected valid Unicode text"
+        ) from None
+    return value
+
+
 def seed(value: Any) -> int | None:
     """A generator seed: None (fresh entropy) or any Python/numpy integer.
 
@@ -226,6 +241,14 @@ def check_mask(
             f"attention_mask: row {int(empty[0])} masks every token; expected at "
             "least one 1 per row"
         )
+    # Padding after a token (right padding, or a hole in a row) would put the
+    # canvas after pad slots the model never saw in training: refused, not run.
+    row, col = np.nonzero(np.diff(arr.astype(np.int8), axis=1) < 0)
+    if row.size:
+        raise ValueError(
+            f"attention_mask: row {int(row[0])} has padding after a token (position "
+            f"{int(col[0]) + 1}); only left padding is supported (pad at the start)"
+        )
     return arr.astype(np.int32)
 
 
@@ -251,6 +274,7 @@ class Call:
     cache: Any = None  # a cache kept across calls (multi-turn); None: a fresh one
     drafts: bool = False  # also yield a StepView after every denoising step
     prefill_chunk: int = PREFILL_CHUNK
+    heal_ids: np.ndarray | None = None  # token healing: the first position's ids
 
 
 def check_call(

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..api import stream_generate
+from ..core.healing import heal, strip_healed
 from ..core.tokenizer import StreamingDetokenizer, Tokenizer
 
 log = logging.getLogger("mlx_diffgem.server")
+# An absolute path (POSIX or Windows) of two or more parts, not inside a URL.
+_PATH = re.compile(r"(?<![\w:/.])(?:[A-Za-z]:[\\/]|/)(?:[\w.@+~-]+[\\/])+[\w.@+~-]*")
 
 
 @dataclass
@@ -38,6 +43,7 @@ class GenRequest:
     # infill: the text between `prefix` and `suffix` (then `prompt` is unused)
     prefix: str | None = None
     suffix: str | None = None
+    heal: bool = False  # token healing (a plain text prompt; core/healing.py)
 
 
 @dataclass
@@ -57,17 +63,46 @@ class QueueFull(Exception):
     pass
 
 
+class Stopping(Exception):
+    """The engine is shutting down: no new requests."""
+
+
+# What ended a job, as /health counts it: each job is counted once, by whoever ends
+# it first (the worker, or the server when the worker misses the deadline's grace).
+OUTCOMES = ("completed", "cancelled", "timeouts", "errors")
+
+
 class Job:
     """A submitted request; `emit` is called on the worker thread."""
 
-    def __init__(self, request: GenRequest, emit: Callable[[Event], None]):
+    def __init__(
+        self,
+        request: GenRequest,
+        emit: Callable[[Event], None],
+        count: Callable[[Job, str], bool],
+    ):
         self.request = request
         self.deadline = time.monotonic() + request.timeout
         self.cancelled = threading.Event()
+        self.reason = "cancelled"  # why it was cancelled: "cancelled" or "shutdown"
+        self.outcome: str | None = None  # one of OUTCOMES, once it has ended
         self._emit = emit
+        self._count = count
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self.cancelled.is_set():
+            self.reason = reason
         self.cancelled.set()
+
+    def expire(self) -> None:
+        """The server answered 504 itself (the worker missed the grace period):
+        counted as a timeout now, and the worker stops at its next check."""
+        self._count(self, "timeouts")
+        self.cancel()
+
+    def end(self, outcome: str) -> bool:
+        """Count the job's outcome; False if it was already counted."""
+        return self._count(self, outcome)
 
     def emit(self, event: Event) -> None:
         try:
@@ -80,12 +115,20 @@ class TextOutput:
     """Committed ids -> text deltas, capped at `max_tokens` and cut at `stop`."""
 
     def __init__(
-        self, tokenizer: Tokenizer, max_tokens: int, stop: list[str], eos: list[int]
+        self,
+        tokenizer: Tokenizer,
+        max_tokens: int,
+        stop: list[str],
+        eos: list[int],
+        healed: str = "",
     ):
         self.tokenizer, self.max_tokens, self.stop = tokenizer, max_tokens, stop
         self.eos = set(eos)
         self.detok = StreamingDetokenizer(tokenizer)
         self.ids: list[int] = []
+        # Token healing took this text back from the prompt; the committed text
+        # starts with it and the client already has it: never released.
+        self.healed = healed
         self.text = ""
         self.sent = 0  # chars of `text` already released
         self.finish_reason: str | None = None
@@ -99,17 +142,22 @@ class TextOutput:
         if at_eos is not None:
             ids = ids[: at_eos + 1]  # the EOS counts as generated, as in vLLM
         self.ids += ids
-        self.text += self.detok.add_tokens(ids)
+        self._add_text(self.detok.add_tokens(ids))
         if at_eos is not None or len(self.ids) >= self.max_tokens:
             return self.close("stop" if at_eos is not None else "length")
         if self._cut_at_stop():
             return self._release(everything=True)
         return self._release(everything=False)
 
+    def _add_text(self, text: str) -> None:
+        if self.healed:  # drop what the prompt already ends with
+            text, self.healed = strip_healed(text, self.healed)
+        self.text += text
+
     def close(self, reason: str = "length") -> str:
         """The generation ended: release everything (split characters included)."""
         if self.finish_reason is None:
-            self.text += self.detok.finalize()
+            self._add_text(self.detok.finalize())
             if not self._cut_at_stop():
                 self.finish_reason = reason
         return self._release(everything=True)
@@ -164,10 +212,12 @@ class Engine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._load_error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._current: Job | None = None
         self.model: Any = None
         self.tokenizer: Tokenizer | None = None
         self.busy = False
-        self.counts = {"completed": 0, "cancelled": 0, "timeouts": 0, "errors": 0}
+        self.counts = dict.fromkeys(OUTCOMES, 0)
 
     def start(self) -> None:
         """Start the worker and wait until the model is loaded (its error re-raised)."""
@@ -178,22 +228,51 @@ class Engine:
         if self._load_error is not None:
             raise self._load_error
 
-    def stop(self) -> None:
+    def shutdown(self) -> None:
+        """Refuse new requests; the running one stops at its next canvas and the
+        waiting ones at once, each answered 503. Returns at once (a signal handler
+        calls it); `stop` waits for the worker."""
         self._stopping.set()
+        current = self._current
+        if current is not None:
+            current.cancel("shutdown")
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            job.cancel("shutdown")
+            self._stopped(job)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """`shutdown`, then wait for the worker; True once it has ended."""
+        self.shutdown()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
+        self.shutdown()  # a request that slipped in while the worker ended
+        return self._thread is None or not self._thread.is_alive()
 
     @property
     def queued(self) -> int:
         return self._queue.qsize()
 
     def submit(self, request: GenRequest, emit: Callable[[Event], None]) -> Job:
-        job = Job(request, emit)
+        if self._stopping.is_set():
+            raise Stopping
+        job = Job(request, emit, self._count)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFull from None
         return job
+
+    def _count(self, job: Job, outcome: str) -> bool:
+        with self._lock:
+            if job.outcome is not None:
+                return False
+            job.outcome = outcome
+            self.counts[outcome] += 1
+            return True
 
     def _main(self) -> None:
         try:
@@ -206,7 +285,7 @@ class Engine:
                 job = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self.busy = True
+            self.busy, self._current = True, job
             try:
                 self._run(job)
             except ValueError as e:  # an option the up-front checks let through
@@ -215,23 +294,39 @@ class Engine:
                 log.exception("generation failed")
                 self._fail(job, 500, f"generation failed: {type(e).__name__}: {e}")
             finally:
-                self.busy = False
+                self.busy, self._current = False, None
 
     def _fail(self, job: Job, status: int, message: str) -> None:
-        self.counts["errors"] += 1
-        job.emit(Event("error", text=message, status=status))
+        if job.end("errors"):
+            job.emit(Event("error", text=self.public(message), status=status))
+
+    def public(self, text: str) -> str:
+        """A library message fit for a response: it names no local path (the
+        model's folder becomes "<model>", any other absolute path "<path>")."""
+        folders = {
+            getattr(self.model, "path", None),
+            getattr(self.tokenizer, "name", None),
+        }
+        for folder in sorted({str(f) for f in folders if f}, key=len, reverse=True):
+            for form in (folder, str(Path(folder).resolve())):
+                text = text.replace(form, "<model>")
+        return _PATH.sub("<path>", text)
 
     def _stopped(self, job: Job) -> bool:
-        """Cancelled or past its deadline: count it, tell the client, stop."""
+        """Cancelled or past its deadline: count it (once), tell the client, stop."""
         if job.cancelled.is_set():
-            self.counts["cancelled"] += 1
-            # wakes a handler still waiting on the job (its client has gone)
-            job.emit(Event("error", text="cancelled", status=499))
+            if job.end("cancelled"):
+                # 499: wakes a handler still waiting on the job (its client has
+                # gone); 503: the server is shutting down
+                down = job.reason == "shutdown"
+                text = "server shutting down; retry later" if down else "cancelled"
+                job.emit(Event("error", text=text, status=503 if down else 499))
             return True
         if time.monotonic() > job.deadline:
-            self.counts["timeouts"] += 1
-            timeout = job.request.timeout
-            job.emit(Event("error", text=f"timeout: over {timeout:g} s", status=504))
+            if job.end("timeouts"):
+                timeout = job.request.timeout
+                text = f"timeout: over {timeout:g} s"
+                job.emit(Event("error", text=text, status=504))
             return True
         return False
 
@@ -242,7 +337,9 @@ class Engine:
         if r.suffix is not None:
             return self._run_infill(job)
         eos = r.overrides.get("eos_token_id", self.model.generation_config.eos_token_id)
-        out = TextOutput(self.tokenizer, r.max_tokens, r.stop, eos)
+        h = heal(self.tokenizer, r.prompt)[1] if r.heal else None
+        healed = "" if h is None else h.text
+        out = TextOutput(self.tokenizer, r.max_tokens, r.stop, eos, healed)
         stream = stream_generate(
             self.model,
             self.tokenizer,
@@ -250,6 +347,7 @@ class Engine:
             max_tokens=r.max_tokens,
             seed=r.seed,
             draft=r.draft,
+            heal=r.heal,
             **r.overrides,
         )
         try:
@@ -266,8 +364,8 @@ class Engine:
             stream.close()  # ends the generator (and frees its cache) right here
         self._delta(job, out.close())
         usage = _usage(len(r.prompt), len(out.ids))
-        self.counts["completed"] += 1
-        job.emit(Event("done", finish_reason=out.finish_reason, usage=usage))
+        if job.end("completed"):
+            job.emit(Event("done", finish_reason=out.finish_reason, usage=usage))
 
     def _run_infill(self, job: Job) -> None:
         """One whole middle (`fill` is not a stream: cancels act before it only)."""
@@ -287,9 +385,9 @@ class Engine:
         out = TextOutput(self.tokenizer, r.max_tokens, r.stop, [])
         text = out.add(self.tokenizer.encode(res.holes[0]))
         self._delta(job, text + out.close("stop"))  # ended before max_tokens: "stop"
-        self.counts["completed"] += 1
         usage = _usage(res.stats.prompt_tokens, len(out.ids))
-        job.emit(Event("done", finish_reason=out.finish_reason, usage=usage))
+        if job.end("completed"):
+            job.emit(Event("done", finish_reason=out.finish_reason, usage=usage))
 
     @staticmethod
     def _delta(job: Job, text: str) -> None:

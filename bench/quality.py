@@ -12,6 +12,11 @@
    `ast` once cut at the function's end (a completion that does not reach the end of
    its function within the token budget is judged up to its last complete line).
 4. Five completions, verbatim.
+5. With `--newline`: the same prompts ending after the header's newline, as people
+   type them, through the API with token healing (the default) and without it.
+6. With `--unseen PKG ...`: the parse rate on function headers from installed
+   packages the model never trained on (refused when the corpus's `meta.json` lists
+   one of them, or when it is reserved for evaluation: RESERVED).
 
 `--baseline DIR` evaluates a second model (e.g. the previously shipped one) on the same
 prompts, seeds and windows, side by side in the record and the card.
@@ -37,6 +42,8 @@ import numpy as np
 
 HEADER = re.compile(r"^(\s*)def \w+\(.*\)(\s*->\s*[^:]+)?:\s*$")
 SCHEMA = "mlx-diffgem-quality/1"
+# Never trained on and never measured here: kept for evaluation by others (issue 23).
+RESERVED = ("pip", "setuptools", "wheel", "packaging", "attrs", "click")
 LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 CARD_START, CARD_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
@@ -192,6 +199,53 @@ def completions(
     }
 
 
+def api_completions(model, tokenizer, prompts, max_tokens: int, seed: int, heal):
+    """`completions` for prompts that end after the header's newline, through the
+    public API (`dg.generate`), with token healing on (`heal=None`) or off."""
+    import mlx_diffgem as dg
+
+    ok, samples, t0 = 0, [], time.perf_counter()
+    for i, (context, indent) in enumerate(prompts):
+        text = dg.generate(
+            model,
+            tokenizer,
+            context + "\n",
+            max_tokens=max_tokens,
+            seed=seed + i,
+            heal=heal,
+        )
+        parsed = parses(function_source(context, "\n" + text, indent))
+        ok += parsed
+        samples.append({"completion": text, "parses": parsed})
+    return {
+        "prompts": len(prompts),
+        "parse_rate": ok / len(prompts),
+        "heal": heal is not False,
+        "seconds": time.perf_counter() - t0,
+        "samples": samples[:3],
+    }
+
+
+def unseen_prompts(names: list[str], data: Path, n: int, seed: int) -> tuple:
+    """(prompts, {package: version}) from installed packages the model never saw."""
+    import importlib.metadata
+
+    from cuda_backend import corpus
+
+    meta = data / "meta.json"
+    trained = (
+        set(json.loads(meta.read_text()).get("extra", {})) if meta.is_file() else set()
+    )
+    for name in names:
+        if name in RESERVED or name in trained:
+            why = "reserved for evaluation" if name in RESERVED else f"in {meta}"
+            raise ValueError(f"--unseen {name}: not an unseen package ({why})")
+    texts = corpus.extra_texts(names, [])
+    versions = {k: importlib.metadata.version(k) for k in names}
+    pool = [t for name in names for t in texts[name]]
+    return function_prompts(pool, n, seed), versions
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__)
     p.add_argument("--model", default=None, help="model folder (default: embedded)")
@@ -205,11 +259,34 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--baseline", default=None, help="a second model folder, side by side"
     )
+    p.add_argument(
+        "--newline", action="store_true", help="also prompts ending in a newline"
+    )
+    p.add_argument(
+        "--unseen", nargs="*", default=[], metavar="PKG", help="unseen packages"
+    )
     a = p.parse_args(argv)
     record = run(a)
     if a.card:
         update_card(a.card, record)
     return record
+
+
+def extra_sets(a: argparse.Namespace, model, tokenizer, prompts) -> dict:
+    """The --newline and --unseen measurements of one model."""
+    out = {}
+    if a.newline:
+        for key, heal in (("native_newline", None), ("native_newline_unhealed", False)):
+            out[key] = api_completions(
+                model, tokenizer, prompts, a.max_tokens, a.seed, heal
+            )
+    if a.unseen:
+        unseen, versions = unseen_prompts(a.unseen, Path(a.data), a.prompts, a.seed)
+        out["native_unseen"] = {
+            "packages": versions,
+            **completions(model, tokenizer, unseen, a.max_tokens, a.seed),
+        }
+    return out
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -236,6 +313,7 @@ def run(a: argparse.Namespace) -> dict:
             "denoising_ce": denoising_ce(reference, stream, LEVELS),
             "clean_entropy": clean_entropy(reference, stream),
             "native": completions(model, tokenizer, prompts, a.max_tokens, a.seed),
+            **extra_sets(a, model, tokenizer, prompts),
         }
 
     record = {

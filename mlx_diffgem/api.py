@@ -13,6 +13,7 @@ from .core.auto import resolve_backend
 from .core.backend import StepView, Target, check_ids, get_backend
 from .core.checkpoint import default_model_path
 from .core.generate import CanvasEvent, canvas_loop, make_call
+from .core.healing import heal, strip_healed
 from .core.speculative import SpecPolicy, SpeculativeModel
 from .core.stats import Response, Stats
 from .core.tokenizer import (
@@ -44,10 +45,13 @@ def load(
             weights, cut: fewer layers and experts, cheaper vocabulary-wide parts),
             "self:layers=0,5 top_k=1 sc_top_k=32 head_vocab=1024" (explicit cuts),
             "target" (the target at full cost, a baseline), "default" (the drafter
-            shipped with the model, if any). None: native decoding.
-        speculative: a SpecPolicy or its fields (draft_steps, refine_steps,
-            max_rounds, draft_confidence, draft_entropy_bound, verify_on); only with
-            a drafter.
+            shipped with the model, if any), or a trained drafter's folder (refused
+            when it was made for another model). None: native decoding.
+        speculative: a SpecPolicy or a dict of its fields; only with a drafter.
+            draft_steps, refine_steps, max_rounds: integers in [1, 10000] (default
+            24, 2, 8); draft_confidence, draft_entropy_bound: finite numbers > 0 or
+            None (the target's); verify_on: "argmax" or "canvas". numpy numbers
+            are accepted (see SpecPolicy).
         dtype: "float32", "bfloat16" or "float16" (default: bf16 on GPU, fp32 on CPU).
         quantization: quantize on load, e.g. {"bits": 4, "group_size": 64} or "mixed".
         **backend_options: e.g. device="cuda" for the torch backend.
@@ -147,6 +151,11 @@ def stream_generate(
             in `draft` (costs one host copy per step).
         chat: apply the chat template to a text prompt (default: only for messages).
         **options:
+            heal: token healing (core/healing.py): the prompt's last token is taken
+                back and the first generated token must extend its text, so that a
+                prompt may end anywhere (after a newline, inside a word). Default
+                (None): on for a plain text prompt; True also heals token ids;
+                False: off. The text yielded continues the prompt as given.
             noise: a NoiseSource instead of `seed` (e.g. ReplayNoise).
             cache: a `model.new_cache(1)` kept across calls (multi-turn).
             GenerationConfig fields (generation overrides); autoregressive options
@@ -160,23 +169,37 @@ def stream_generate(
             into `cache`), e.g. for several rows of ids (use generate_ids).
     """
     noise, cache = options.pop("noise", None), options.pop("cache", None)
+    healing = _healing(options.pop("heal", None), prompt, chat, tokenizer)
     _max_tokens(max_tokens, options)
-    vocab = model.config.vocab_size
+    ids = _prompt_ids(tokenizer, prompt, chat, model.config.vocab_size)
+    removed, heal_ids = "", None
+    if healing:
+        kept, h = heal(tokenizer, ids[0].tolist())
+        if h is not None:
+            ids, removed, heal_ids = np.asarray([kept], np.int32), h.text, h.ids
     # Everything is checked before the first side effect (cache, noise, device).
-    call = make_call(
-        model,
-        _prompt_ids(tokenizer, prompt, chat, vocab),
-        noise=noise,
-        seed=seed,
-        cache=cache,
-        overrides=options,
-    )
-    return _stream(model, tokenizer, dataclasses.replace(call, drafts=draft))
+    call = make_call(model, ids, noise=noise, seed=seed, cache=cache, overrides=options)
+    call = dataclasses.replace(call, drafts=draft, heal_ids=heal_ids)
+    return _stream(model, tokenizer, call, removed)
+
+
+def _healing(heal: Any, prompt: Any, chat: bool | None, tokenizer: Any) -> bool:
+    """Whether to heal: `heal` (None: a plain text prompt only), given a tokenizer
+    and a prompt that is not chat (a template ends the prompt where it means to)."""
+    if heal is not None and not isinstance(heal, bool):
+        raise ValueError(f"heal: expected True, False or None, got {heal!r}")
+    if heal is False or tokenizer is None or chat:
+        return False
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return False  # chat messages
+    return heal is True or isinstance(prompt, str)
 
 
 def _stream(
-    model: Target, tokenizer: Tokenizer | None, call: Call
+    model: Target, tokenizer: Tokenizer | None, call: Call, removed: str = ""
 ) -> Iterator[Response]:
+    """The Responses of `call`; `removed`: text token healing took back from the
+    prompt, which the committed text starts with and the caller already has."""
     gen, stats = call.gen, Stats()
     detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
     for ev in canvas_loop(model, call, stats):
@@ -200,6 +223,8 @@ def _stream(
         if ev.last:  # yielded at once: streaming is never a canvas late
             r.text += detok.finalize() if detok is not None else ""
             r.finished, r.finish_reason = True, stats.finish_reason
+        if removed:  # the healed text: the prompt as given already ends with it
+            r.text, removed = strip_healed(r.text, removed)
         yield r
 
 

@@ -64,3 +64,70 @@ def test_the_first_position_takes_an_allowed_id(tiny_path, backend, speculative)
         assert np.isin(res.tokens[:, 0], allowed).all()
     for view in seen:  # every live canvas, by either model
         assert np.isin(view.argmax[:, 0], allowed).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_healed_text_continues_the_prompt_as_given(backend, tok):
+    """The committed canvas starts with the text healing took back; the API yields
+    what follows it, so prompt + text is what the model wrote after the prompt."""
+    model, tok = _load(dg.default_model_path(), backend)
+    for prompt in ("def add(a, b):\n", "import o", "x = [1, 2, 3]\nfor "):
+        removed = heal(tok, tok.encode(prompt))[1].text
+        first = next(iter(dg.stream_generate(model, tok, prompt, seed=0)))
+        written = tok.decode(first.tokens.tolist())
+        assert written.startswith(removed)
+        assert first.text == written[len(removed) :]
+    # colon-ended and newline-ended: the same prompt once healed
+    a = dg.generate(model, tok, "def add(a, b):", max_tokens=64, seed=1)
+    b = dg.generate(model, tok, "def add(a, b):\n", max_tokens=64, seed=1)
+    assert a.startswith("\n") and b == a[1:]
+
+
+def test_heal_option(tok):
+    model, tok = _load(dg.default_model_path(), "torch" if HAS_TORCH else "mlx")
+    ids = [tok.bos_token_id, *tok.encode("def add(a, b):\n")]
+    plain = next(iter(dg.stream_generate(model, tok, ids, seed=0)))
+    healed = next(iter(dg.stream_generate(model, tok, ids, seed=0, heal=True)))
+    off = next(iter(dg.stream_generate(model, tok, "def add(a, b):\n", heal=False)))
+    assert tok.decode(healed.tokens.tolist()).startswith("\n")
+    # ids are healed only when asked; text unless told not to
+    assert plain.stats.prompt_tokens == len(ids)
+    assert healed.stats.prompt_tokens == len(ids) - 1
+    assert off.stats.prompt_tokens == len(ids)
+    with pytest.raises(ValueError, match="heal: expected True, False or None"):
+        dg.generate(model, tok, "x", heal="yes")
+
+
+def test_strip_healed_across_chunks():
+    from mlx_diffgem.core.healing import strip_healed
+
+    assert strip_healed("\n    return x", "\n") == ("    return x", "")
+    assert strip_healed(" o", " os") == ("", "s")  # a first chunk with part of it
+    assert strip_healed("s.path", "s") == (".path", "")
+    assert strip_healed("x", "") == ("x", "")
+
+
+def test_the_server_never_sends_the_healed_text(tok):
+    """serve: TextOutput drops the text the prompt already ends with."""
+    from mlx_diffgem.serve.engine import TextOutput
+
+    ids = tok.encode("\n    return a + b")
+    out = TextOutput(tok, 64, [], [1], healed="\n")
+    assert out.add(ids) + out.close() == "    return a + b"
+
+
+def test_cli_heals_a_prompt_ending_in_a_newline():
+    import os
+    import subprocess
+    import sys
+
+    def run(prompt, *flags):
+        cmd = [sys.executable, "-m", "mlx_diffgem", "generate", "--prompt", prompt]
+        cmd += ["--max-tokens", "64", "--seed", "3", *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        return out.stdout
+
+    colon, newline = run("def add(a, b):"), run("def add(a, b):\n")
+    assert colon.startswith("\n") and newline == colon[1:]
+    assert run("def add(a, b):\n", "--no-heal") != newline

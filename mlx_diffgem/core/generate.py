@@ -128,7 +128,9 @@ def canvas_loop(
         if committed is not None:  # 2a
             target.encode(committed, cache)
         state = CanvasState(
-            canvas=call.first_canvas if k == 0 else None, finished=finished.copy()
+            canvas=call.first_canvas if k == 0 else None,
+            finished=finished.copy(),
+            heal_ids=call.heal_ids if k == 0 else None,
         )
         if call.drafts:  # 2b
             res = yield from target.denoise_steps(state, cache, policy, call.noise)

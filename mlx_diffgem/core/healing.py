@@ -41,6 +41,13 @@ def token_texts(tokenizer) -> list[str]:
     return _TEXTS[key]
 
 
+def strip_healed(text: str, healed: str) -> tuple[str, str]:
+    """(text without the healed text it starts with, what of `healed` is still to
+    come): streamed text may hold only part of it in its first chunk."""
+    cut = len(healed) - len(healed.removeprefix(text[: len(healed)]))
+    return text[cut:], healed[cut:]
+
+
 def heal(tokenizer, ids: list[int]) -> tuple[list[int], Healing | None]:
     """(the prompt ids without their last token, the healing), or the ids unchanged
     and None when the last token is special or the only one, or when no other token

@@ -24,6 +24,7 @@ from mlx_diffgem.core.backend import (
     StepView,
     drain,
 )
+from mlx_diffgem.core.healing import allowed_mask
 from mlx_diffgem.core.noise import NoiseSource
 from mlx_diffgem.core.plan import PassPlan
 
@@ -272,10 +273,8 @@ def _heal_mask(ids, model, plan, device) -> torch.Tensor | None:
     the ids token healing allows at the first position."""
     if ids is None:
         return None
-    width = model.config.vocab_size if plan is None else plan.head_vocab
-    mask = np.zeros(width or model.config.vocab_size, bool)
-    ids = np.asarray(ids)
-    mask[ids[ids < mask.size]] = True
+    head = None if plan is None else plan.head_vocab
+    mask = allowed_mask(ids, model.config.vocab_size, head)
     return torch.as_tensor(mask, device=device)
 
 

@@ -20,9 +20,7 @@ so it does not depend on the dtype or quantization the target was loaded with.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -102,19 +100,12 @@ def check(recorded: Any, target: Any, layers: tuple[int, ...], source: Path) -> 
 
 
 def _header(path: Path) -> tuple[dict[str, Any], int]:
-    bad = CheckpointError(f"{path}: not a safetensors file (unreadable header)")
     try:
-        with path.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > path.stat().st_size:
-                raise bad
-            header = json.loads(fh.read(n))
-    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError):
-        raise bad from None
-    if not isinstance(header, dict):
-        raise bad
-    header.pop("__metadata__", None)
-    return header, 8 + n
+        return checkpoint.safetensors_header(path)
+    except OSError:
+        raise CheckpointError(
+            f"{path}: not a safetensors file (unreadable header)"
+        ) from None
 
 
 def _read(path: Path, start: int, entry: dict) -> bytes:

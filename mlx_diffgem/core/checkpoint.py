@@ -14,6 +14,7 @@ import json
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 from .config import GenerationConfig, ModelConfig
 from .errors import CheckpointError
@@ -176,7 +177,9 @@ def read_shapes(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
-def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header (without `__metadata__`) and the offset its
+    data starts at; a one-line CheckpointError when the file is not one."""
     # Format: 8-byte little-endian header length, then a JSON header; data follows.
     bad = CheckpointError(f"{path}: not a safetensors file (unreadable header)")
     try:
@@ -189,14 +192,21 @@ def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise bad from None
     if not isinstance(header, dict):
         raise bad
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    header, _ = safetensors_header(path)
     try:
         return {
             k: (str(v["dtype"]), tuple(int(d) for d in v["shape"]))
             for k, v in header.items()
-            if k != "__metadata__"
         }
     except (KeyError, TypeError, ValueError):
-        raise bad from None
+        raise CheckpointError(
+            f"{path}: not a safetensors file (unreadable header)"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------

@@ -41,6 +41,15 @@ def token_texts(tokenizer) -> list[str]:
     return _TEXTS[key]
 
 
+def allowed_mask(ids: np.ndarray, vocab: int, head: int | None) -> np.ndarray:
+    """[width] bool over one pass's logits, True at the allowed ids; the width is a
+    drafter plan's head (`head`) or the vocabulary."""
+    mask = np.zeros(head or vocab, bool)
+    ids = np.asarray(ids)
+    mask[ids[ids < mask.size]] = True
+    return mask
+
+
 def strip_healed(text: str, healed: str) -> tuple[str, str]:
     """(text without the healed text it starts with, what of `healed` is still to
     come): streamed text may hold only part of it in its first chunk."""

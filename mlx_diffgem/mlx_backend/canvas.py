@@ -24,6 +24,7 @@ from mlx_diffgem.core.backend import (
     StepView,
     drain,
 )
+from mlx_diffgem.core.healing import allowed_mask
 from mlx_diffgem.core.noise import NoiseSource
 from mlx_diffgem.core.plan import PassPlan
 
@@ -261,11 +262,8 @@ def _heal_mask(ids, model, plan) -> mx.array | None:
     the ids token healing allows at the first position."""
     if ids is None:
         return None
-    width = model.config.vocab_size if plan is None else plan.head_vocab
-    mask = np.zeros(width or model.config.vocab_size, bool)
-    ids = np.asarray(ids)
-    mask[ids[ids < mask.size]] = True
-    return mx.array(mask)
+    head = None if plan is None else plan.head_vocab
+    return mx.array(allowed_mask(ids, model.config.vocab_size, head))
 
 
 def _flags(done: mx.array) -> tuple[bool, bool]:

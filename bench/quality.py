@@ -15,8 +15,10 @@
 5. With `--newline`: the same prompts ending after the header's newline, as people
    type them, through the API with token healing (the default) and without it.
 6. With `--unseen PKG ...`: the parse rate on function headers from installed
-   packages the model never trained on (refused when the corpus's `meta.json` lists
-   one of them, or when it is reserved for evaluation: RESERVED).
+   packages the model never trained on (refused when the model's
+   `training_sources.json` or the corpus's `meta.json` lists one of them, or when it
+   is reserved for evaluation or vendored by a reserved package:
+   `cuda_backend.wheels.is_reserved`).
 
 `--baseline DIR` evaluates a second model (e.g. the previously shipped one) on the same
 prompts, seeds and windows, side by side in the record and the card.
@@ -42,8 +44,6 @@ import numpy as np
 
 HEADER = re.compile(r"^(\s*)def \w+\(.*\)(\s*->\s*[^:]+)?:\s*$")
 SCHEMA = "mlx-diffgem-quality/1"
-# Never trained on and never measured here: kept for evaluation by others (issue 23).
-RESERVED = ("pip", "setuptools", "wheel", "packaging", "attrs", "click")
 LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 CARD_START, CARD_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
@@ -226,20 +226,34 @@ def api_completions(model, tokenizer, prompts, max_tokens: int, seed: int, heal)
     }
 
 
-def unseen_prompts(names: list[str], data: Path, n: int, seed: int) -> tuple:
+def trained_packages(folders: list[Path], data: Path) -> set[str]:
+    """Normalized names of every package the models or the corpus trained on."""
+    from cuda_backend.wheels import normalize
+
+    names = set()
+    for folder in folders:
+        sources = folder / "training_sources.json"
+        if sources.is_file():
+            names |= set(json.loads(sources.read_text())["packages"])
+    meta = data / "meta.json"
+    if meta.is_file():
+        meta = json.loads(meta.read_text())
+        names |= set(meta.get("extra", {})) | set(meta.get("wheels", {}))
+    return {normalize(n.lstrip("_")) for n in names}
+
+
+def unseen_prompts(names: list[str], trained: set[str], n: int, seed: int) -> tuple:
     """(prompts, {package: version}) from installed packages the model never saw."""
     import importlib.metadata
 
     from cuda_backend import corpus
+    from cuda_backend.wheels import is_reserved, normalize
 
-    meta = data / "meta.json"
-    trained = (
-        set(json.loads(meta.read_text()).get("extra", {})) if meta.is_file() else set()
-    )
     for name in names:
-        if name in RESERVED or name in trained:
-            why = "reserved for evaluation" if name in RESERVED else f"in {meta}"
-            raise ValueError(f"--unseen {name}: not an unseen package ({why})")
+        if is_reserved(name):
+            raise ValueError(f"--unseen {name}: reserved for evaluation (issue 23)")
+        if normalize(name) in trained:
+            raise ValueError(f"--unseen {name}: the model was trained on it")
     texts = corpus.extra_texts(names, [])
     versions = {k: importlib.metadata.version(k) for k in names}
     pool = [t for name in names for t in texts[name]]
@@ -281,12 +295,21 @@ def extra_sets(a: argparse.Namespace, model, tokenizer, prompts) -> dict:
                 model, tokenizer, prompts, a.max_tokens, a.seed, heal
             )
     if a.unseen:
-        unseen, versions = unseen_prompts(a.unseen, Path(a.data), a.prompts, a.seed)
+        folders = [Path(a.model) if a.model else dg_default()]
+        folders += [Path(a.baseline)] if a.baseline else []
+        trained = trained_packages(folders, Path(a.data))
+        unseen, versions = unseen_prompts(a.unseen, trained, a.prompts, a.seed)
         out["native_unseen"] = {
             "packages": versions,
             **completions(model, tokenizer, unseen, a.max_tokens, a.seed),
         }
     return out
+
+
+def dg_default() -> Path:
+    from mlx_diffgem.core.checkpoint import default_model_path
+
+    return Path(default_model_path())
 
 
 def run(a: argparse.Namespace) -> dict:

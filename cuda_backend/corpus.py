@@ -18,6 +18,10 @@ file's (a vendored copy) is dropped. `--stdlib-weight 2` packs the stdlib train 
 twice, so the evaluation domain keeps its share next to the extra sources. The
 held-out split stays the stdlib's alone.
 
+Sources from the package index (`--wheels runs/wheels`): permissively licensed
+wheels, read and checked by `cuda_backend/wheels.py` (licence recorded in meta.json,
+reserved evaluation packages refused), train split only.
+
     python -m cuda_backend.corpus --out runs/corpus
     python -m cuda_backend.corpus --out runs/corpus2 \
         --tokenizer runs/corpus/tokenizer.json --extra numpy jinja2 --stdlib-weight 2
@@ -87,9 +91,13 @@ def package_root(name: str) -> Path:
 def extra_texts(names: Iterable[str], held_texts: list[str]) -> dict[str, list[str]]:
     """{package: texts} of the `.py`/`.pyi` files of each package (test folders and
     copies of held-out stdlib files left out)."""
+    from cuda_backend.wheels import is_reserved
+
     held = {hashlib.sha256(t.encode()).digest() for t in held_texts}
     out = {}
     for name in names:
+        if is_reserved(name):
+            raise ValueError(f"--extra {name}: reserved for evaluation (issue 23)")
         root = package_root(name)
         texts = read_texts(root, source_files(root, (".py", ".pyi")))
         out[name] = [
@@ -184,6 +192,7 @@ def build(
     tokenizer: str | Path | None = None,
     extra: Iterable[str] = (),
     stdlib_weight: int = 1,
+    wheels: str | Path | None = None,
 ) -> dict:
     """Write tokenizer files, train.npy, heldout.npy and meta.json to `out`.
 
@@ -203,6 +212,8 @@ def build(
     save_tokenizer(tok, out)
     extras = extra_texts(extra, held_texts)
     more = [t for texts in extras.values() for t in texts]
+    index = _index_sources(wheels, held_texts + more)
+    more += [t for src in index.values() for t in src.texts]
     streams = {
         "train": pack(tok, train_texts * stdlib_weight + more),
         "heldout": pack(tok, held_texts),
@@ -219,17 +230,44 @@ def build(
         "train_bytes": stdlib_weight * sum(len(t.encode()) for t in train_texts)
         + sum(len(t.encode()) for t in more),
         "stdlib_weight": stdlib_weight,
-        "extra": {
-            name: {
-                "version": _version(name),
-                "files": len(texts),
-                "bytes": sum(len(t.encode()) for t in texts),
-            }
-            for name, texts in extras.items()
-        },
+        **_sources_meta(extras, index),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def _sources_meta(extras: dict, index: dict) -> dict:
+    """meta.json's record of every package in the train split, licences included."""
+
+    def size(texts):
+        return sum(len(t.encode()) for t in texts)
+
+    return {
+        "extra": {
+            name: {"version": _version(name), "files": len(texts), "bytes": size(texts)}
+            for name, texts in extras.items()
+        },
+        "wheels": {
+            name: {
+                "version": src.version,
+                "licence": src.licence,
+                "files": len(src.texts),
+                "bytes": size(src.texts),
+            }
+            for name, src in index.items()
+        },
+    }
+
+
+def _index_sources(folder, earlier: list[str]) -> dict:
+    """Wheels from the package index (cuda_backend/wheels.py), texts seen earlier
+    (held-out and installed-package ones) dropped, at most 1.5 MB per package."""
+    if folder is None:
+        return {}
+    from cuda_backend import wheels
+
+    seen = {hashlib.sha256(t.encode()).digest() for t in earlier}
+    return wheels.wheel_sources(folder, seen, max_bytes=1_500_000)
 
 
 def _version(name: str) -> str:
@@ -251,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
         "--extra", nargs="*", default=[], help="installed packages to add (train only)"
     )
     ap.add_argument("--stdlib-weight", type=int, default=1, help="stdlib train copies")
+    ap.add_argument(
+        "--wheels",
+        help="a folder of downloaded wheels to add (cuda_backend/wheels.txt)",
+    )
     args = ap.parse_args(argv)
     if args.stdlib_weight < 1:
         ap.error(f"--stdlib-weight: expected an integer >= 1, got {args.stdlib_weight}")
@@ -261,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer=args.tokenizer,
         extra=args.extra,
         stdlib_weight=args.stdlib_weight,
+        wheels=args.wheels,
     )
     print(
         f"{len(meta['train_files'])} train files ({meta['train_tokens']:,} tokens, "

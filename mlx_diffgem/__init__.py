@@ -20,7 +20,7 @@ _API = {
     "stream_generate": "mlx_diffgem.api",
     "generate_ids": "mlx_diffgem.core.generate",
     "default_model_path": "mlx_diffgem.core.checkpoint",
-    "to_numpy": "mlx_diffgem.api",
+    "to_numpy": "mlx_diffgem.core.backend",
     "SeededNoise": "mlx_diffgem.core.noise",
     "ReplayNoise": "mlx_diffgem.core.noise",
     "GenerationConfig": "mlx_diffgem.core.config",

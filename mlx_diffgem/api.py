@@ -11,6 +11,7 @@ import numpy as np
 
 from .core.auto import resolve_backend
 from .core.backend import StepView, Target, check_ids, get_backend
+from .core.backend import to_numpy as to_numpy  # public: dg.to_numpy
 from .core.checkpoint import default_model_path
 from .core.generate import CanvasEvent, canvas_loop, make_call
 from .core.healing import heal, strip_healed
@@ -82,17 +83,6 @@ def _spec_policy(drafter: str | None, spec: SpecPolicy | dict | None) -> SpecPol
             f"speculative: unknown option {unknown[0]!r}; expected {sorted(fields)}"
         )
     return SpecPolicy(**spec)
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    """A backend array (mlx or torch) as numpy."""
-    if hasattr(x, "detach"):  # torch.Tensor
-        return (
-            x.detach().float().cpu().numpy()
-            if x.is_floating_point()
-            else x.cpu().numpy()
-        )
-    return np.array(x)
 
 
 def _prompt_ids(

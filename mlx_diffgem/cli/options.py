@@ -19,7 +19,15 @@ from typing import Any
 DTYPES = ["float32", "bfloat16", "float16"]
 TOKENS_RANGE = "1..1,048,576 (2**20)"  # core.config.MAX_NEW_TOKENS
 STEPS_RANGE = "1..10,000"  # MAX_DENOISING_STEPS; SpecPolicy's step counts
-SPEC_KEYS = ("draft_steps", "refine_steps", "max_rounds", "draft_entropy_bound")
+SPEC_KEYS = (
+    "draft_steps",
+    "refine_steps",
+    "max_rounds",
+    "draft_entropy_bound",
+    "verify",
+    "verify_groups",
+    "accept_threshold",
+)
 
 
 def add_model(p: argparse.ArgumentParser, compile_option: bool = False) -> None:
@@ -153,6 +161,37 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
         metavar="H",
         help="with --drafter: the drafter's entropy bound per pass, > 0 (default: "
         "the model's); larger means fewer drafter passes and more rejected drafts",
+    )
+    add_verify(g)
+
+
+def add_verify(g) -> None:
+    """How the model checks a draft (SpecPolicy.verify and its settings)."""
+    g.add_argument(
+        "--verify",
+        default=None,
+        choices=["plain", "hidden"],
+        help="with --drafter: plain (default) checks the clean draft in one pass and "
+        "keeps almost all of it; hidden scores each drafted token without showing "
+        "it, rejects what the model would not write and takes the model's own "
+        "token instead (text close to the model's own, fewer tokens kept)",
+    )
+    g.add_argument(
+        "--verify-groups",
+        type=int,
+        default=None,
+        metavar="G",
+        help="with --verify hidden: groups of the drafter's confidence order, "
+        "1..65536 (default 8)",
+    )
+    g.add_argument(
+        "--accept-threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="with --verify hidden: keep a drafted token where the model gives it "
+        "at least P (0..1) instead of only where it is the model's argmax; trades "
+        "quality for speed",
     )
 
 

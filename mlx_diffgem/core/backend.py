@@ -194,6 +194,14 @@ class Target(Protocol):
     def peak_memory(self) -> int: ...
 
 
+def to_numpy(x: Any) -> np.ndarray:
+    """A backend array (mlx or torch) as numpy, on the host."""
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach()
+        return (x.float() if x.is_floating_point() else x).cpu().numpy()
+    return np.array(x)
+
+
 def drain(steps: Generator[StepView, None, CanvasResult], on_step: Any) -> CanvasResult:
     """Run a `denoise_steps` generator to its result, handing each view to on_step."""
     while True:

@@ -14,6 +14,17 @@ Per canvas (DESIGN §4):
 Invariant: the committed canvas is the argmax of the target's last pass, and that
 pass met the target's stop rule or used up the native budget.
 
+With `verify="hidden"` (a verify that can say no) step 2 is one hidden-token pass
+instead (core/layout.py): the model scores every drafted token without seeing it,
+given the prompt and the draft's surer tokens only (the drafter's confidence order,
+`verify_groups` groups). Drafted tokens are accepted along that order while the model
+agrees (core/verify.py: its argmax, or a probability of at least
+`accept_threshold`); at the first rejection the model's own token is taken. What is
+committed is pinned; the drafter redrafts the rest from fresh noise around the pins
+(`refine_steps` passes) and the model verifies again. After `max_rounds` verifies
+the model finishes what is still open natively, the pins held, as an infill.
+Invariant: every committed token was accepted by a verify or written by the model.
+
 The schedule position (and so the temperature) advances with every pass of either
 model; rows the target has stopped stay frozen through later drafter passes.
 
@@ -39,9 +50,13 @@ from .backend import (
     StepView,
     Target,
     drain,
+    to_numpy,
 )
 from .config import MAX_DENOISING_STEPS
+from .healing import allowed_mask
+from .layout import HiddenLayout
 from .noise import NoiseSource
+from .verify import draft_rank, judge
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,11 @@ class SpecPolicy:
             finite number > 0, or None: the target's confidence_threshold.
         draft_entropy_bound: the drafter's entropy bound, a finite number > 0, or
             None: the target's entropy_bound.
-        verify_on: "argmax" or "canvas".
+        verify_on: "argmax" or "canvas" (plain verify only).
+        verify: "plain" or "hidden" (default "plain").
+        verify_groups: hidden verify's groups, an integer in [1, 65536] (8).
+        accept_threshold: hidden verify's acceptance, None (the model's argmax) or
+            a number in [0, 1].
     Python or numpy numbers are accepted (numpy ones become Python ones); bools,
     strings, NaN and infinities are refused with a ValueError naming the option.
     """
@@ -79,6 +98,16 @@ class SpecPolicy:
     # What a verify pass reads: "argmax", the drafter's argmax canvas (the draft
     # itself, clean), or "canvas", its renoised next input (what a native pass reads).
     verify_on: str = "argmax"
+    # "plain": one pass over the clean draft (keeps 91-100% of any draft: the model
+    # copies plausible tokens it can see); "hidden": the hidden-token verify.
+    verify: str = "plain"
+    # hidden verify: equal-size groups of the drafter's confidence order (1 judges
+    # every token on the prompt alone; more groups see more of the draft).
+    verify_groups: int = 8
+    # hidden verify: None accepts a drafted token where it is the model's argmax
+    # (greedy, lossless for greedy decoding); a number p accepts it where the model
+    # gives it at least p, which keeps more of the draft and trades quality for speed.
+    accept_threshold: float | None = None
 
     def __post_init__(self) -> None:
         # Upper bounds, so that no option can hang a call (the denoise loop builds
@@ -89,6 +118,15 @@ class SpecPolicy:
         on = self.verify_on
         if not isinstance(on, str) or on not in ("argmax", "canvas"):
             raise ValueError(f"verify_on: expected 'argmax' or 'canvas', got {on!r}")
+        if not isinstance(self.verify, str) or self.verify not in ("plain", "hidden"):
+            raise ValueError(
+                f"verify: expected 'plain' or 'hidden', got {self.verify!r}"
+            )
+        groups = V.integer(self.verify_groups, "verify_groups", lo=1, hi=1 << 16)
+        object.__setattr__(self, "verify_groups", groups)
+        if self.accept_threshold is not None:
+            t = V.number(self.accept_threshold, "accept_threshold", lo=0, hi=1)
+            object.__setattr__(self, "accept_threshold", t)
         for name in ("draft_confidence", "draft_entropy_bound"):
             c = getattr(self, name)
             if c is not None:
@@ -134,6 +172,8 @@ class _Canvas:
     def run(self, state: CanvasState) -> Generator[StepView, None, CanvasResult]:
         """Steps 1-4 of the module docstring."""
         spec, policy = self.spec, self.policy
+        if spec.verify == "hidden":
+            return (yield from self.run_hidden(state))
         # 1. draft (the drafter's stop flags are its own: the target starts unstopped)
         draft = yield from self._draft(state, spec.draft_steps)
         cur, done = draft.state, state.done
@@ -174,6 +214,75 @@ class _Canvas:
         self.stats.append(res.step_stats)
         return res
 
+    def run_hidden(self, state: CanvasState):
+        """The hidden-token verify's rounds (module docstring), then the finish."""
+        draft = yield from self._draft(state, self.spec.draft_steps)
+        first = draft.tokens
+        live = ~_finished(state, first.shape[0])
+        pins = np.where(live[:, None], _pins(state, first.shape), first)
+        rounds = min(self.spec.max_rounds, self.policy.max_steps - 1)
+        while (pins < 0).any() and self.rounds < rounds:
+            pins = np.where(pins >= 0, pins, self._hidden_verify(state, draft, pins))
+            if (pins < 0).any() and self.rounds < rounds:
+                again = self._redraft(draft.state, pins)
+                draft = yield from self._draft(again, self.spec.refine_steps)
+        passes = self.rounds * live.astype(np.int64)
+        if (pins < 0).any():
+            res = yield from self._finish(state, pins)
+            passes += res.passes
+        else:
+            res = _verified(pins, state)
+        return self._result(state, first, res, res.state, passes)
+
+    def _hidden_verify(self, state, draft: CanvasResult, pins) -> np.ndarray:
+        """One hidden-token pass over the draft (pins in place): the ids it commits."""
+        tokens = np.where(pins >= 0, pins, draft.tokens).astype(np.int32)
+        sc = draft.state.self_conditioning
+        conf = np.zeros(tokens.shape) if sc is None else _confidence(to_numpy(sc))
+        rank = draft_rank(conf, pins >= 0, self.spec.verify_groups)
+        ids = np.concatenate([self._noise(tokens.shape), tokens], axis=1)
+        logits = self.target.decode(ids, self.cache, None, HiddenLayout(rank))
+        logits = np.array(to_numpy(logits), np.float32)
+        if state.heal_ids is not None:  # the first position extends the prompt
+            allowed = allowed_mask(state.heal_ids, logits.shape[-1], None)
+            logits[:, 0, ~allowed] = -np.inf
+        self.rounds += 1
+        self.target_steps += 1
+        return judge(logits, tokens, rank, self.spec.accept_threshold)
+
+    def _noise(self, shape) -> np.ndarray:
+        """Uniform ids for open positions: a host stream of its own, the same on
+        every backend, so that replayed decisions agree."""
+        rng = np.random.default_rng([self.rounds, self.drafter_steps, 0x5EED])
+        return rng.integers(0, self.target.config.vocab_size, shape).astype(np.int32)
+
+    def _redraft(self, drafted: CanvasState, pins) -> CanvasState:
+        """The drafter's next start: the pins held, fresh noise elsewhere."""
+        canvas = np.where(pins >= 0, pins, self._noise(pins.shape)).astype(np.int32)
+        return dataclasses.replace(
+            drafted,
+            canvas=canvas,
+            fixed=pins.astype(np.int32),
+            draw_initial=False,
+            self_conditioning=None,
+            history=None,
+            done=None,
+            argmax=None,
+            mean_entropy=None,
+        )
+
+    def _finish(self, state: CanvasState, pins):
+        """The model decodes what is still open natively, the pins held."""
+        start = self._redraft(state, pins)
+        budget = max(self.policy.max_steps - self.target_steps, 1)
+        policy = dataclasses.replace(self.policy, budget=budget)
+        res = yield from _run(
+            self.target, start, self.cache, policy, self.noise, self.views
+        )
+        self.target_steps += res.steps
+        self.stats.append(res.step_stats)
+        return res
+
     def _result(self, state, first, res, cur, passes) -> CanvasResult:
         # The first draft's proposals: live rows, and only the holes of an infill.
         judged = np.ones(first.shape, bool)
@@ -187,13 +296,50 @@ class _Canvas:
             steps=self.target_steps,
             passes=passes,
             state=cur,
-            step_stats={k: np.concatenate([s[k] for s in stats]) for k in stats[0]},
+            step_stats={k: np.concatenate([s[k] for s in stats]) for k in stats[0]}
+            if stats
+            else {},
             done=res.done,
             drafter_steps=self.drafter_steps,
             verify_rounds=self.rounds,
             drafted=int(judged.sum()),
             drafted_kept=int(((first == res.tokens) & judged).sum()),
         )
+
+
+def _finished(state: CanvasState, batch: int) -> np.ndarray:
+    """[B] rows finished before this canvas."""
+    if state.finished is None:
+        return np.zeros(batch, bool)
+    return np.asarray(state.finished, bool)
+
+
+def _pins(state: CanvasState, shape) -> np.ndarray:
+    """[B, C] the ids pinned before any verify (an infill's), -1 elsewhere."""
+    if state.fixed is None:
+        return np.full(shape, -1, np.int64)
+    return np.asarray(state.fixed, np.int64)
+
+
+def _confidence(logits: np.ndarray) -> np.ndarray:
+    """[B, C] the drafter's probability of its own argmax."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return 1.0 / np.exp(z).sum(axis=-1)
+
+
+def _verified(pins: np.ndarray, state: CanvasState) -> CanvasResult:
+    """A canvas every position of which a verify committed: no pass of its own."""
+    B = pins.shape[0]
+    tokens = pins.astype(np.int32)
+    return CanvasResult(
+        tokens=tokens,
+        steps=0,
+        passes=np.zeros(B, np.int64),
+        state=dataclasses.replace(
+            state, canvas=tokens, argmax=tokens, done=np.ones(B, bool)
+        ),
+        done=np.ones(B, bool),
+    )
 
 
 class SpeculativeModel:

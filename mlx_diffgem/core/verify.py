@@ -41,3 +41,32 @@ def accept_along(rank: np.ndarray, agree: np.ndarray) -> np.ndarray:
             if not agree[b][group].all():
                 break
     return accepted
+
+
+def draft_rank(confidence: np.ndarray, pinned: np.ndarray, groups: int) -> np.ndarray:
+    """[B, C] commit order of a draft: pinned positions -1 (seen by every query),
+    the others in `groups` equal groups by the drafter's confidence, surest first."""
+    rank = np.full(confidence.shape, -1, np.int64)
+    for b in range(confidence.shape[0]):
+        free = np.flatnonzero(~pinned[b])
+        order = free[np.argsort(-confidence[b, free], kind="stable")]
+        rank[b, order] = np.arange(order.size) * groups // max(order.size, 1)
+    return rank
+
+
+def judge(
+    logits: np.ndarray, draft: np.ndarray, rank: np.ndarray, threshold=None
+) -> np.ndarray:
+    """[B, C] ids one hidden-token verify commits, -1 elsewhere: the drafted tokens
+    accepted along the order (pinned ones, rank -1, always), and at the first
+    rejection (lowest rank, then position) the model's own argmax, which was judged
+    on accepted tokens only."""
+    agree = agreement(logits, draft, threshold) | (rank < 0)
+    accepted = accept_along(rank, agree)
+    ids = np.where(accepted, draft, -1)
+    for b in range(draft.shape[0]):
+        left = np.flatnonzero(~accepted[b])
+        if left.size:
+            i = left[np.lexsort((left, rank[b, left]))[0]]
+            ids[b, i] = logits[b, i].argmax()
+    return ids

@@ -146,6 +146,14 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="SpecPolicy",
     )
+    p.add_argument(
+        "--spec-verify", choices=["plain", "hidden"], default=None, help="SpecPolicy"
+    )
+    p.add_argument("--spec-verify-groups", type=int, default=None, help="SpecPolicy")
+    p.add_argument(
+        "--spec-accept-threshold", type=float, default=None, help="SpecPolicy"
+    )
+    p.add_argument("--spec-verify-sure", type=float, default=None, help="SpecPolicy")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -172,7 +180,8 @@ def _check_spec(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.suite not in SPEC_SUITES:
         spec_only = ("drafter", "model", "spec_draft_steps", "spec_refine_steps")
         spec_only += ("spec_max_rounds", "spec_draft_confidence")
-        spec_only += ("spec_draft_entropy_bound", "spec_verify_on")
+        spec_only += ("spec_draft_entropy_bound", "spec_verify_on", "spec_verify")
+        spec_only += ("spec_verify_groups", "spec_accept_threshold", "spec_verify_sure")
         given = [k for k in spec_only if getattr(args, k) is not None]
         if given:
             p.error(f"--{given[0].replace('_', '-')}: only for the spec suites")

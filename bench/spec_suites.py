@@ -83,6 +83,10 @@ def spec_policy(args: argparse.Namespace) -> Any:
         "draft_confidence": args.spec_draft_confidence,
         "draft_entropy_bound": args.spec_draft_entropy_bound,
         "verify_on": args.spec_verify_on,
+        "verify": args.spec_verify,
+        "verify_groups": args.spec_verify_groups,
+        "accept_threshold": args.spec_accept_threshold,
+        "verify_sure": args.spec_verify_sure,
     }
     return SpecPolicy(**{k: v for k, v in given.items() if v is not None})
 
@@ -127,7 +131,11 @@ def _counts(res: Any) -> dict:
         "steps": res.steps,
         "drafter_steps": res.drafter_steps,
         "verify_rounds": res.verify_rounds,
-        "last_entropy": float(res.step_stats["mean_entropy"][-1][0]),
+        # None: a hidden verify committed the whole canvas, no pass of the target's
+        # own ran on it
+        "last_entropy": float(ent[-1][0])
+        if (ent := res.step_stats.get("mean_entropy")) is not None
+        else None,
     }
 
 
@@ -222,7 +230,7 @@ def _spec_entry(runs: list[SpecRun], entropies: list, repeats: int) -> dict:
     drafted = sum(st.drafted_tokens for st in stats)
     tps = _repeat_tps(runs, repeats)
     flat = [e for per_run in entropies for e in per_run]
-    last = [c["last_entropy"] for c in counts]
+    last = [c["last_entropy"] for c in counts if c["last_entropy"] is not None]
     parsed = sum(x.parses for x in runs)
     return {
         "canvases": len(counts),
@@ -245,7 +253,7 @@ def _spec_entry(runs: list[SpecRun], entropies: list, repeats: int) -> dict:
         "parse_rate": round(parsed / len(runs), 4),
         "committed_entropy": round(float(np.mean([e[0] for e in flat])), 4),
         "committed_argmax_agreement": round(float(np.mean([e[1] for e in flat])), 4),
-        "last_target_pass_entropy": round(float(np.mean(last)), 4),
+        "last_target_pass_entropy": round(float(np.mean(last)), 4) if last else None,
         "distinct_bigram_share": round(
             float(np.mean([x.distinct_bigrams for x in runs])), 4
         ),

@@ -10,6 +10,8 @@ judges every position of the planted canvas:
   does today (the canvas in plain sight; no self-conditioning);
 - `hidden`: the hidden-token pass (core/layout.py): query slots of uniform noise,
   reference slots of the planted canvas, ranked by the native commit order;
+- `others`: the hidden-token pass with each query seeing every other position's
+  planted token (leave-one-out, `HiddenLayout(others=True)`);
 - `grouped4`: four plain passes, each with a random quarter of the positions
   renoised; a position is judged by the pass that hid it.
 
@@ -104,9 +106,11 @@ def verdicts(target, c: Canvas, rng) -> dict[str, np.ndarray]:
     queries = rng.integers(0, V, c.planted.shape).astype(np.int32)
     hidden_ids = np.concatenate([queries, c.planted], axis=1)
     layout = HiddenLayout(c.rank)
+    others = HiddenLayout(c.rank, others=True)
     return {
         "plain": dg.to_numpy(target.decode(c.planted, c.cache)),
         "hidden": dg.to_numpy(target.decode(hidden_ids, c.cache, layout=layout)),
+        "others": dg.to_numpy(target.decode(hidden_ids, c.cache, layout=others)),
         f"grouped{GROUPS}": grouped(target, c, rng),
     }
 

@@ -64,10 +64,12 @@ class Scripted:
         )
 
 
-def _decode(draft, target=None, state=State(), **spec):
-    target = target or Scripted(TRUTH)
+def _decode(draft, target=None, state=None, **spec):
+    target, state = target or Scripted(TRUTH), state or State()
     drafter = Scripted(draft)
-    spec = SpecPolicy(**{"verify": "hidden", "verify_groups": C, **spec})
+    spec = SpecPolicy(
+        **{"verify": "hidden", "verify_groups": C, "verify_sure": 0.0, **spec}
+    )
     model = SpeculativeModel(target, drafter, spec)
     cache = SimpleNamespace(batch_size=1)
     res = model.denoise(state, cache, DenoisePolicy(max_steps=48), noise=None)
@@ -133,6 +135,16 @@ def test_threshold_accepts_a_likely_second_choice():
     assert res.verify_rounds > 1 and res.tokens[0, 0] == TRUTH[0, 0]
 
 
+def test_unsure_tokens_are_left_to_the_model():
+    # the model's own token has p = e^5 / (e^5 + e^3 + 14), about 0.81
+    res, target, _ = _decode(TRUTH, verify_sure=0.8)
+    assert res.verify_rounds == 1 and target.starts == []
+    res, target, _ = _decode(TRUTH, verify_sure=0.9, max_rounds=2)
+    assert res.verify_rounds == 2
+    (finish,) = target.starts  # nothing was sure enough to commit
+    assert (finish.fixed == -1).all()
+
+
 def test_healing_constrains_the_models_own_first_token():
     draft = np.full((1, C), 0)
     heal = np.array([5, 6], np.int32)  # the model's 3 is not allowed there
@@ -150,6 +162,8 @@ def test_hidden_options_are_checked():
         SpecPolicy(verify_groups=0)
     with pytest.raises(ValueError, match="accept_threshold"):
         SpecPolicy(accept_threshold=1.5)
+    with pytest.raises(ValueError, match="verify_sure"):
+        SpecPolicy(verify_sure=-0.1)
 
 
 @pytest.mark.skipif(not (HAS_MLX and HAS_TORCH), reason="needs mlx and torch")

@@ -42,7 +42,7 @@ def _setup(path, backend, seed=0):
     return target, cache, queries, draft, rank
 
 
-def _hidden(target, cache, queries, draft, rank) -> np.ndarray:
+def _hidden(target, cache, queries, draft, rank, others=False) -> np.ndarray:
     ids = np.concatenate([queries, draft], axis=1)
     if target.backend == "torch":
         import torch
@@ -52,7 +52,7 @@ def _hidden(target, cache, queries, draft, rank) -> np.ndarray:
         import mlx.core as mx
 
         ids = mx.array(ids)
-    out = target.model.decode(ids, cache, None, None, HiddenLayout(rank))
+    out = target.model.decode(ids, cache, None, None, HiddenLayout(rank, others))
     return dg.to_numpy(out)
 
 
@@ -77,6 +77,32 @@ def test_a_query_never_sees_its_own_or_a_later_token(tiny_path, backend):
             other[0, earlier] = (draft[0, earlier] + 1) % V
             got = _hidden(target, cache, queries, other, rank)
             assert np.abs(got[0, i] - base[0, i]).max() > 1e-4
+
+
+def test_leave_one_out_mask_rules():
+    m = HiddenLayout(np.array([[2, 0, 1, 1]]), others=True).mask()[0]
+    q, r = m[:4], m[4:]
+    assert (q[:, :4] == np.eye(4, dtype=bool)).all()
+    assert (q[:, 4:] == ~np.eye(4, dtype=bool)).all()  # all but its own token
+    assert not r[:, :4].any() and (r[:, 4:] == np.eye(4, dtype=bool)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leave_one_out_query_sees_every_token_but_its_own(tiny_path, backend):
+    target, cache, queries, draft, rank = _setup(tiny_path, backend)
+    V = target.config.vocab_size
+    base = _hidden(target, cache, queries, draft, rank, others=True)
+    for i in (0, 5, draft.shape[1] - 1):
+        own = draft.copy()
+        own[0, i] = (own[0, i] + 1) % V
+        got = _hidden(target, cache, queries, own, rank, others=True)
+        np.testing.assert_allclose(got[0, i], base[0, i], atol=1e-5)
+        assert np.abs(np.delete(got[0] - base[0], i, axis=0)).max() > 1e-4
+        j = (i + 7) % draft.shape[1]  # any other position's token reaches query i
+        other = draft.copy()
+        other[0, j] = (other[0, j] + 1) % V
+        got = _hidden(target, cache, queries, other, rank, others=True)
+        assert np.abs(got[0, i] - base[0, i]).max() > 1e-4
 
 
 @needs_torch
@@ -199,7 +225,9 @@ def test_bench_verify_measures_recall_and_false_rejection():
     rec = verify.run(a)
     rows = {(r["variant"], r["criterion"]): r for r in rec["rows"]}
     assert set(rows) == {
-        (v, c) for v in ("plain", "hidden", "grouped4") for c in verify.CRITERIA
+        (v, c)
+        for v in ("plain", "hidden", "others", "grouped4")
+        for c in verify.CRITERIA
     }
     for r in rows.values():
         assert 0 <= r["recall"] <= 1 and 0 <= r["false_rejection"] <= 1

@@ -12,6 +12,12 @@ ranks form one group, decided together). In every layer:
   (never a query slot), so nothing about a later token reaches an earlier query
   through them.
 
+With `others=True` the order is ignored: query slot i sees every reference slot but
+its own, and a reference slot sees the cache and itself only (were they to see each
+other, token i would reach query i through them). A leave-one-out judgment: each
+token is scored in the context of the whole rest of the draft, as a native pass late
+in the schedule sees it, but also next to the draft's other errors.
+
 The pass returns the query slots' logits: at each position the model's distribution
 given the prompt and the draft's earlier tokens only. On a device bound by its
 weight stream a pass over 2C slots costs about one pass over C.
@@ -30,6 +36,7 @@ from .validate import cache_batch, check_cache
 @dataclass(frozen=True)
 class HiddenLayout:
     rank: np.ndarray  # [B, C] integers: the commit order of the draft
+    others: bool = False  # leave-one-out: every query sees all other drafted tokens
 
     @classmethod
     def checked(cls, rank, batch: int, canvas: int) -> HiddenLayout:
@@ -60,6 +67,8 @@ class HiddenLayout:
         earlier = r[:, None, :] < r[:, :, None]  # [b, i, j]: rank[j] < rank[i]
         up_to = r[:, None, :] <= r[:, :, None]
         itself = np.broadcast_to(np.eye(C, dtype=bool), (B, C, C))
+        if self.others:
+            earlier, up_to = ~itself, itself
         query_rows = np.concatenate([itself, earlier], axis=2)
         ref_rows = np.concatenate([np.zeros((B, C, C), bool), up_to], axis=2)
         return np.concatenate([query_rows, ref_rows], axis=1)

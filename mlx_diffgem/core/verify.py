@@ -55,18 +55,23 @@ def draft_rank(confidence: np.ndarray, pinned: np.ndarray, groups: int) -> np.nd
 
 
 def judge(
-    logits: np.ndarray, draft: np.ndarray, rank: np.ndarray, threshold=None
+    logits: np.ndarray, draft: np.ndarray, rank: np.ndarray, threshold=None, sure=0.0
 ) -> np.ndarray:
     """[B, C] ids one hidden-token verify commits, -1 elsewhere: the drafted tokens
     accepted along the order (pinned ones, rank -1, always), and at the first
     rejection (lowest rank, then position) the model's own argmax, which was judged
-    on accepted tokens only."""
+    on accepted tokens only. With `sure` > 0 a token is committed only where the
+    model gives it at least that probability: a token that is merely the likeliest
+    given little context is left open, as a native pass would leave it."""
+    p = softmax(logits)
     agree = agreement(logits, draft, threshold) | (rank < 0)
-    accepted = accept_along(rank, agree)
+    sure_of = np.take_along_axis(p, draft[..., None].astype(np.int64), -1)[..., 0]
+    accepted = accept_along(rank, agree & ((sure_of >= sure) | (rank < 0)))
     ids = np.where(accepted, draft, -1)
     for b in range(draft.shape[0]):
         left = np.flatnonzero(~accepted[b])
         if left.size:
             i = left[np.lexsort((left, rank[b, left]))[0]]
-            ids[b, i] = logits[b, i].argmax()
+            if p[b, i].max() >= sure:
+                ids[b, i] = p[b, i].argmax()
     return ids

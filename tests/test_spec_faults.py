@@ -25,7 +25,7 @@ PROMPT = np.asarray([[2, 10, 11, 12]], np.int32)
 # The random tiny model never stops by itself: every canvas runs its verify rounds,
 # refines between them and finishes natively.
 POLICY = DenoisePolicy(max_steps=8)
-SPEC = SpecPolicy(draft_steps=3, refine_steps=2, max_rounds=2)
+SPEC = SpecPolicy(draft_steps=3, refine_steps=2, max_rounds=2, verify="plain")
 
 
 @dataclasses.dataclass

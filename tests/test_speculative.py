@@ -27,6 +27,8 @@ BACKENDS = [
     pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="no torch")),
 ]
 CHEAP = "self:layers=0,1 top_k=1 sc_top_k=16 head_vocab=64"
+# The plain verify's invariants (test_hidden_loop.py has the hidden one's, the default)
+PLAIN = SpecPolicy(verify="plain")
 
 
 class HostNoise:
@@ -52,7 +54,7 @@ def _load(path, backend, drafter=None, **spec):
         backend=backend,
         dtype="float32",
         drafter=drafter,
-        speculative=spec or None,
+        speculative={"verify": "plain", **spec} if drafter else spec or None,
         **opts,
     )
     return model, tok
@@ -101,7 +103,7 @@ def test_committed_canvas_is_verified(tiny_path, backend):
     target, _ = _load(tiny_path, backend)
     drafter = load_drafter(target, CHEAP)
     spy = Spy(target)
-    spec = SpecPolicy(draft_steps=3, refine_steps=1, max_rounds=2)
+    spec = SpecPolicy(draft_steps=3, refine_steps=1, max_rounds=2, verify="plain")
     model = SpeculativeModel(spy, drafter, spec)
     seen = {"stopped": 0, "budget": 0}
     # The random tiny model is never stable: stability_threshold 0 with a loose
@@ -138,7 +140,7 @@ def test_perfect_draft_commits_after_one_target_pass(backend, default_ids):
         native = target.denoise(CanvasState(), cache, policy, SeededNoise(seed))
         assert native.done.all() and native.steps < 48  # it stopped by itself
 
-        model = SpeculativeModel(target, Perfect(native), SpecPolicy())
+        model = SpeculativeModel(target, Perfect(native), PLAIN)
         res = model.denoise(CanvasState(), cache, policy, SeededNoise(seed))
         z = dg.to_numpy(
             target.decode(native.tokens, cache, native.state.self_conditioning)
@@ -161,7 +163,7 @@ def test_target_as_drafter_costs_no_more_target_passes(backend, default_ids, rul
     passes, summed over seeds ((0.1, 0.005): the release's entropy bound and
     threshold, where this model runs to the cap)."""
     target, _ = _load(dg.default_model_path(), backend)
-    model = SpeculativeModel(target, load_drafter(target, "target"), SpecPolicy())
+    model = SpeculativeModel(target, load_drafter(target, "target"), PLAIN)
     native = spec = 0
     for seed in range(3):
         kw = dict(seed=seed, max_new_tokens=128, entropy_bound=rule[0])

@@ -27,6 +27,7 @@ SPEC_KEYS = (
     "verify",
     "verify_groups",
     "accept_threshold",
+    "verify_sure",
 )
 
 
@@ -171,10 +172,11 @@ def add_verify(g) -> None:
         "--verify",
         default=None,
         choices=["plain", "hidden"],
-        help="with --drafter: plain (default) checks the clean draft in one pass and "
-        "keeps almost all of it; hidden scores each drafted token without showing "
-        "it, rejects what the model would not write and takes the model's own "
-        "token instead (text close to the model's own, fewer tokens kept)",
+        help="with --drafter: hidden (default) scores each drafted token without "
+        "showing it, rejects what the model would not write and leaves it to the "
+        "model (text as good as the model's; on the embedded model it takes more "
+        "passes than decoding natively); plain checks the clean draft in one pass "
+        "and keeps almost all of it: faster, text only as good as the drafter's",
     )
     g.add_argument(
         "--verify-groups",
@@ -192,6 +194,14 @@ def add_verify(g) -> None:
         help="with --verify hidden: keep a drafted token where the model gives it "
         "at least P (0..1) instead of only where it is the model's argmax; trades "
         "quality for speed",
+    )
+    g.add_argument(
+        "--verify-sure",
+        type=float,
+        default=None,
+        metavar="P",
+        help="with --verify hidden: commit a token only where the model gives it at "
+        "least P, 0..1 (default 0.9); lower keeps more and writes worse text",
     )
 
 

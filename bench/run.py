@@ -275,6 +275,9 @@ def _record(args: argparse.Namespace) -> dict:
         dtype=s.dtype,
         quantization=args.quantization,
         compile=args.compile,
+        expert_gemm=getattr(s.target, "expert_path", None),
+        fused_sampler=getattr(s.target.model, "fused_sampler", None),
+        compile_scope=_compile_scope(args),
         model=s.model,
         settings=_settings(args),
         measured_machine=s.measured,
@@ -285,13 +288,21 @@ def _record(args: argparse.Namespace) -> dict:
     return rec
 
 
+def _compile_scope(args: argparse.Namespace) -> str | None:
+    if not args.compile:
+        return None
+    from cuda_backend.compile import scope
+
+    return scope()
+
+
 def _results(s, args: argparse.Namespace) -> dict:
     """The suite's `results` (a point per context) and the entries that go with
     them. step and peers interleave the contexts inside the suite."""
     from . import suites
 
     if args.suite == "step":
-        return {"results": suites.step_points(s, args)}
+        return suites.step_points(s, args)
     if args.suite == "peers":
         peers, info = suites.load_peers(s, args)
         return {"peers": info, "results": suites.peers_points(s, args, peers)}

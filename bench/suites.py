@@ -209,9 +209,12 @@ def _decode_times(s: Setup, cache: Any, sc: Any, n: int) -> list[float]:
     return times
 
 
-def step_points(s: Setup, args: argparse.Namespace) -> list[dict]:
+def step_points(s: Setup, args: argparse.Namespace) -> dict:
     """Every context's step; contexts take turns per repeat, so a burst of background
-    load hits all of them alike instead of bending the step-vs-context curve."""
+    load hits all of them alike instead of bending the step-vs-context curve.
+
+    Also: the wall time of the first canvas beyond a timed one's (`compile_s`: the
+    compilation, when --compile) and the host syncs of one extra canvas per context."""
     caches = {}
     for n in args.context:
         ids = prompt_ids(s.cfg, args.batch, n, args.seed)
@@ -220,15 +223,56 @@ def step_points(s: Setup, args: argparse.Namespace) -> list[dict]:
     s.target.sync()
     steps = {n: [] for n in args.context}
     decode = {n: [] for n in args.context}
+    walls = []
     for r in range(args.warmup + args.repeats):
         for n, cache in caches.items():
+            t0 = time.perf_counter()
             times, sc = _denoise_canvas(s, cache, args.steps, args.seed + r)
+            walls.append(time.perf_counter() - t0)
             # decoder passes alone right after each canvas: drift hits both alike
             passes = _decode_times(s, cache, sc, DECODES_PER_CANVAS)
             if r >= args.warmup:
                 steps[n] += times
                 decode[n] += passes
-    return [_step_entry(s, args, n, steps[n], decode[n]) for n in args.context]
+    points = [_step_entry(s, args, n, steps[n], decode[n]) for n in args.context]
+    for point, cache in zip(points, caches.values(), strict=True):
+        point["host_syncs_per_step"] = syncs_per_step(s, cache, args.steps)
+    first = walls[0] - float(np.median(walls[len(caches) * args.warmup :]))
+    return {"results": points, "compile_s": round(first, 3) if args.compile else None}
+
+
+def syncs_per_step(s: Setup, cache: Any, steps: int) -> dict | None:
+    """Host syncs per step (torch): (syncs of a `steps`-step canvas - those of a
+    half-length one) / the step difference, so the canvas's prologue and epilogue
+    cancel. Counted by CUDA's sync debug mode on a GPU; on a CPU, where nothing
+    waits, the expert GEMM's host reads (expert_gemm.host_syncs)."""
+    if s.target.backend != "torch" or steps < 2:
+        return None
+    short = steps // 2
+    n = _canvas_syncs(s, cache, steps) - _canvas_syncs(s, cache, short)
+    method = "torch.cuda sync debug mode" if s.device == "cuda" else "expert-GEMM reads"
+    return {"per_step": round(n / (steps - short), 3), "method": method}
+
+
+def _canvas_syncs(s: Setup, cache: Any, steps: int) -> int:
+    import warnings
+
+    import torch
+
+    from cuda_backend import expert_gemm
+
+    if s.device != "cuda":
+        before = expert_gemm.host_syncs()
+        _denoise_canvas(s, cache, steps, 0)
+        return expert_gemm.host_syncs() - before
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            _denoise_canvas(s, cache, steps, 0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _step_entry(s: Setup, args, context: int, steps: list, decode: list) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import resource
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,12 @@ from mlx_diffgem.core.noise import NoiseSource
 from mlx_diffgem.core.plan import PassPlan
 
 from . import canvas as _canvas
-from . import quantize
+from . import expert_gemm, quantize, sampling
 from .cache import Cache
 from .canvas import narrow
 from .compile import check_mode as check_compile
 from .compile import compile_model
-from .model import Model
+from .model import Model, use_expert_path
 
 DTYPES = {
     "float32": torch.float32,
@@ -77,6 +78,12 @@ class TorchTarget:
         self.generation_config = generation_config
         self.path = path
         self.max_len = max_len
+        # Fixed before the first (compiled) pass traces it: expert_gemm.PATHS.
+        self.expert_path = use_expert_path(model)
+        model.fused_sampler = sampling.use_fused(self.device)
+        note = expert_gemm.slow_note(self.expert_path, self.device)
+        if note is not None:
+            warnings.warn(note, stacklevel=2)
 
     @property
     def device(self) -> torch.device:

@@ -59,12 +59,19 @@ def draw_uniform(
     return torch.randint(0, vocab, shape, generator=g, device=device)
 
 
-def draw_sample(noise: NoiseSource, z: torch.Tensor) -> torch.Tensor:
-    """The `sample` draw: replayed ids, or a categorical draw from softmax(z)."""
-    ids = noise.sample(tuple(z.shape[:2]))
-    if ids is not None:
-        return torch.as_tensor(ids, dtype=torch.long, device=z.device)
-    return sample_tokens(z, _generator(noise, z.device))
+def _score_and_draw(model, z: torch.Tensor, T, noise: NoiseSource) -> tuple:
+    """(argmax, entropy, sampled ids) of z / T, dividing z in place: one fused
+    kernel where the model has it (CUDA with Triton) and the draw is not replayed."""
+    replayed = noise.sample(tuple(z.shape[:2]))
+    if replayed is None and model.fused_sampler:
+        gen = _generator(noise, z.device)
+        seed = torch.randint(0, 2**31 - 1, (1,), generator=gen, device=z.device)
+        return sampling.fused_step(z, T, seed)
+    score = getattr(model, "score", sampling.score)  # compiled by compile_model
+    arg, h = score(z, T)
+    if replayed is not None:
+        return arg, h, torch.as_tensor(replayed, dtype=torch.long, device=z.device)
+    return arg, h, sample_tokens(z, _generator(noise, z.device))
 
 
 def pad_vocab(logits: torch.Tensor, vocab: int, fill: float) -> torch.Tensor:
@@ -202,7 +209,6 @@ class _Loop:
 
     def step(self, model, cache, T, policy: DenoisePolicy, noise, plan) -> None:
         """One pass at temperature T, a device scalar (module docstring, 1-5)."""
-        score = getattr(model, "score", sampling.score)  # compiled by compile_model
         (B, C), dev = self.canvas.shape, self.canvas.device
         done, pins = self.done, self.pins
         any_done = bool(self.done_host.any())
@@ -210,8 +216,7 @@ class _Loop:
         z = model.decode(self.canvas, cache, self.sc, plan=plan)  # 1
         if self.heal is not None:  # token healing: position 0's allowed ids only
             z[:, 0].masked_fill_(~self.heal, PassPlan.fill)
-        new_arg, h = score(z, T)  # 2: z is now z / T(n)
-        draft = draw_sample(noise, z)
+        new_arg, h, draft = _score_and_draw(model, z, T, noise)  # 2: z is now z / T
         if pins is not None:  # pinned positions: kept, with no entropy to count
             h = h.masked_fill(pins[0], 0.0)
         keep = accept_mask(h, policy.entropy_bound)  # 3

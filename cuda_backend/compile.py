@@ -1,23 +1,34 @@
-"""torch.compile for the decoder pass and the sampler's per-step math.
+"""torch.compile for the decoder layers and the sampler's per-step math.
 
-`compile_model(model, mode)` replaces `model.decode` with a compiled one and adds
-`model.score`, the compiled `sampling.score` (temperature, argmax and entropy fused
-into one pass over the [B, C, V] logits) that the canvas loop uses when present.
+`compile_model(model, mode)` compiles the model's passes and adds `model.score`, the
+compiled `sampling.score` (temperature, argmax and entropy fused into one pass over
+the [B, C, V] logits) that the canvas loop uses when present.
 
+- Scope (`DIFFGEM_COMPILE_SCOPE`): "layer" (default) compiles one decoder-mode
+  layer and reuses it for every layer of its kind (regional compilation: a graph
+  for the sliding and one for the full-attention layers, and their variants as the
+  cache fills), so compile time does not grow with the 30 layers of the released
+  shape; the prompt's encoder passes stay eager, as with "decoder", which
+  compiles the whole decoder pass as one graph (more fusion, minutes to compile at
+  the released shape: 4 min on an H200). Inductor caches what it compiles
+  (TORCHINDUCTOR_CACHE_DIR, under /tmp by default): a second process reuses it.
 - Shapes are dynamic: the cache length changes at every canvas, the batch and the
   canvas do not, so one graph serves a whole generation.
-- The experts' grouped GEMM stays the eager kernel in float32 (`model.grouped_linear`),
-  so the decoder compiles to one graph without host syncs on CPU and GPU.
+- The experts' grouped GEMM is an opaque op in float32 or on Triton
+  (`expert_gemm`), so the compiled code has no host syncs on the fast paths.
 - mode "reduce-overhead" (or "max-autotune") also records CUDA graphs on CUDA (one
   per cache length, reused by every step of a canvas). A replay overwrites the
   previous replay's output, and the loop feeds each step's logits back as the next
   step's self-conditioning, so the compiled decoder returns a copy. The decoder
   writes the canvas K/V into the cache's spare rows; a compiled model's caches mark
   their buffers as static addresses (`cache._static`) so that graphs may do that.
-  On CPU these modes compile like "default". Not yet run on a GPU here.
+  On CPU these modes compile like "default". Not yet run on a GPU with the layer
+  scope.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -26,6 +37,18 @@ from .model import Model
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GRAPH_MODES = ("reduce-overhead", "max-autotune")
+SCOPES = ("layer", "decoder")
+SCOPE_ENV = "DIFFGEM_COMPILE_SCOPE"
+
+
+def scope() -> str:
+    """What one compiled graph covers: a decoder layer (default) or the whole pass."""
+    value = os.environ.get(SCOPE_ENV, "layer")
+    if value not in SCOPES:
+        raise ValueError(
+            f"{SCOPE_ENV}: expected one of {', '.join(SCOPES)}, got {value!r}"
+        )
+    return value
 
 
 def check_mode(compile: bool | str) -> str | None:
@@ -41,10 +64,20 @@ def check_mode(compile: bool | str) -> str | None:
     )
 
 
+def _decoder_layer(layer, h, rot, mask, layer_cache, top_k):
+    """One decoder-mode layer; compiled once, the layer is an input (its weights
+    are graph inputs), so every layer of a kind runs the same graph."""
+    return layer(h, rot, mask, layer_cache, False, top_k)
+
+
 def compile_model(model: Model, mode: str = "default") -> Model:
-    """Compile `model.decode` and the sampler step in place; returns the model."""
+    """Compile the passes (see `scope`) and the sampler step in place; the model."""
     model.compiled = True  # its passes now run under no_grad (see Model.compiled)
-    decode = torch.compile(model.decode, mode=mode, dynamic=True)
+    if scope() == "layer":
+        model.decoder_layer = torch.compile(_decoder_layer, mode=mode, dynamic=True)
+        decode = model.decode
+    else:
+        decode = torch.compile(model.decode, mode=mode, dynamic=True)
     if mode in _GRAPH_MODES and model.embed_tokens.weight.is_cuda:
 
         def decode_graphed(*args, **kwargs) -> torch.Tensor:

@@ -11,7 +11,6 @@ fused as `gate_up_proj [E, 2*Ie, H]` and `down_proj [E, H, Ie]`.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -24,6 +23,7 @@ from mlx_diffgem.core.plan import PassPlan
 from mlx_diffgem.core.validate import check_pass_sc
 
 from .cache import Cache, LayerCache, Masks
+from .expert_gemm import choose, grouped_linear, triton_grouped
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -180,56 +180,6 @@ class Router(nn.Module):
         return w * self.per_expert_scale[idx], idx
 
 
-@functools.cache
-def _sm80(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def _has_grouped_mm(w: torch.Tensor) -> bool:
-    # torch's grouped GEMM runs on CPU for any float dtype, and on CUDA for bf16 on
-    # SM80+. Otherwise: the loop over experts.
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if w.device.type == "cpu":
-        return True
-    return w.device.type == "cuda" and w.dtype == torch.bfloat16 and _sm80(w.device)
-
-
-@torch.library.custom_op("diffgem::grouped_mm", mutates_args=())
-def opaque_grouped_mm(
-    x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor
-) -> torch.Tensor:
-    """`F.grouped_mm` hidden from torch.compile, which traces it only in bf16: in
-    float32 on CPU the compiled decoder calls the eager kernel instead of breaking
-    its graph (and syncing) twice per layer in the loop fallback."""
-    return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
-
-
-@opaque_grouped_mm.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[1])
-
-
-def grouped_linear(
-    x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor
-) -> torch.Tensor:
-    """Rows of x sorted by expert times each expert's w[e]^T ([E, out, in]).
-
-    offs[e] is the end row of expert e (int32). The fallback loops over the experts
-    that got rows (one host sync per call): fine for CPU/MPS tests, not for speed.
-    """
-    if _has_grouped_mm(w):
-        if torch.compiler.is_compiling() and w.dtype != torch.bfloat16:
-            return opaque_grouped_mm(x, w, offs)
-        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
-    out = x.new_empty(x.shape[0], w.shape[1])
-    ends = offs.tolist()
-    for e, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
-        if hi > lo:
-            out[lo:hi] = x[lo:hi] @ w[e].T
-    return out
-
-
 class Experts(nn.Module):
     """The routed experts as two grouped GEMMs over tokens sorted by expert."""
 
@@ -238,6 +188,9 @@ class Experts(nn.Module):
         E, H, Ie = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Ie, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, Ie))
+        # The expert-GEMM path (expert_gemm.choose), fixed once the weights sit on
+        # their device and dtype (`use_expert_path`); None: chosen at every call.
+        self.path: str | None = None
 
     def forward(
         self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor
@@ -252,20 +205,44 @@ class Experts(nn.Module):
         # End row of each expert's group, without a host sync (graph friendly).
         experts = torch.arange(E, device=ids.device, dtype=ids.dtype)
         offs = torch.searchsorted(ids, experts, right=True).to(torch.int32)
-        h = self.project("gate_up_proj", x[order // K], offs, ids)
-        gate, up = h.chunk(2, dim=-1)
-        y = self.project("down_proj", gelu(gate) * up, offs, ids)
+        y = self.project(
+            "down_proj", self.activated(x[order // K], offs, ids), offs, ids
+        )
         # The reference multiplies in float32 and sums the K picks in float32 once.
         y = y.float() * w.reshape(-1)[order, None]
         out = torch.empty_like(y)
         out[order] = y
         return out.view(N, K, -1).sum(dim=1).to(x.dtype)
 
+    def activated(
+        self, x: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """gelu(x gate^T) * (x up^T) for rows sorted by expert; one kernel on Triton."""
+        if self.path == "triton" and type(self).project is Experts.project:
+            return triton_grouped(x, self.gate_up_proj, offs, True)
+        gate, up = self.project("gate_up_proj", x, offs, ids).chunk(2, dim=-1)
+        return gelu(gate) * up
+
     def project(
         self, name: str, x: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
         """Rows x (sorted by expert, `ids` = their experts) times weight `name`."""
-        return grouped_linear(x, getattr(self, name), offs)
+        return grouped_linear(x, getattr(self, name), offs, self.path)
+
+
+def use_expert_path(model: nn.Module) -> str:
+    """Fix every expert layer's GEMM path for its weights as they are now; the path."""
+    paths = set()
+    for m in model.modules():
+        if isinstance(m, Experts):
+            w = m.gate_up_proj  # int8 experts multiply in the model's float dtype
+            m.path = choose(w if w.is_floating_point() else w[:0].to(model.dtype))
+            paths.add(m.path)
+    if len(paths) > 1:
+        raise RuntimeError(
+            f"expert layers disagree on their GEMM path: {sorted(paths)}"
+        )
+    return paths.pop() if paths else "none"
 
 
 _NORMS = (
@@ -322,6 +299,10 @@ class Model(nn.Module):
     # less dispatch than no_grad on small shapes); torch.compile cannot trace views
     # under inference_mode (pytorch#180823), so compiled passes use no_grad.
     compiled = False
+    # A compiled decoder-mode layer (`compile.compile_model`, layer scope) or None.
+    decoder_layer = None
+    # The canvas loop's sampler: one Triton kernel (sampling.fused_step) or torch ops.
+    fused_sampler = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -382,7 +363,10 @@ class Model(nn.Module):
                 h = h * layer.layer_scalar  # a skipped layer still scales the stream
                 continue
             s = layer.self_attn.sliding
-            h = layer(h, rot[s], masks[s], layer_cache, encoder, top_k)
+            if encoder or self.decoder_layer is None:
+                h = layer(h, rot[s], masks[s], layer_cache, encoder, top_k)
+            else:
+                h = self.decoder_layer(layer, h, rot[s], masks[s], layer_cache, top_k)
         return h
 
     def grad_off(self):

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Experts, Model, grouped_linear
+from .expert_gemm import grouped_linear
+from .model import Experts, Model
 
 SUPPORTED = ("int8",)
 
@@ -53,6 +54,7 @@ class Int8Experts(Experts):
 
     def __init__(self, experts: Experts):
         nn.Module.__init__(self)
+        self.path = experts.path
         for name in ("gate_up_proj", "down_proj"):
             q, s = quantize_int8(getattr(experts, name).detach())
             self.register_buffer(name, q)
@@ -61,7 +63,7 @@ class Int8Experts(Experts):
     def project(
         self, name: str, x: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
-        y = grouped_linear(x, getattr(self, name).to(x.dtype), offs)
+        y = grouped_linear(x, getattr(self, name).to(x.dtype), offs, self.path)
         return y * getattr(self, name + "_scales")[ids]
 
 

@@ -7,6 +7,8 @@ entropy they share; `canvas.py` runs them in the reference's order. The MLX twin
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -27,6 +29,49 @@ def score(z: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, ...
     """
     z = z.div_(temperature)
     return torch.argmax(z, dim=-1), entropy(z)
+
+
+FUSED_ENV = "DIFFGEM_FUSED_SAMPLER"
+
+
+def use_fused(device: torch.device) -> bool:
+    """Whether the canvas loop takes `fused_step`: on CUDA with Triton importable;
+    DIFFGEM_FUSED_SAMPLER=0 turns it off, =1 asks for it (on a CPU: only under
+    TRITON_INTERPRET=1, for tests)."""
+    from .expert_gemm import has_triton, interpreting
+
+    want = os.environ.get(FUSED_ENV)
+    if want not in (None, "", "0", "1"):
+        raise ValueError(f"{FUSED_ENV}: expected 0 or 1, got {want!r}")
+    runs = has_triton() and (device.type == "cuda" or interpreting())
+    if want == "1" and not runs:
+        raise ValueError(f"{FUSED_ENV}=1: needs Triton on CUDA (or TRITON_INTERPRET=1)")
+    return runs and want != "0" and (device.type == "cuda" or want == "1")
+
+
+FUSED_BLOCK = 1024  # lanes per row: 256 passes over a 262,144-id vocabulary
+
+
+def fused_step(
+    z: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """`score` and a categorical draw in one read of the [B, C, V] float32 logits
+    (Triton, sampler_kernels.py): z becomes z / T in place; (argmax, entropy, draw),
+    each [B, C]. The draw is Gumbel-max on Triton's Philox stream keyed by `seed`
+    (an int64 device scalar), so it follows another random stream than
+    `sample_tokens`: the same distribution, other tokens."""
+    from .sampler_kernels import fused_step as kernel  # imports Triton
+
+    B, C, V = z.shape
+    if z.dtype != torch.float32 or not z.is_contiguous():
+        raise ValueError("fused_step: expected contiguous float32 logits")
+    arg = torch.empty((B, C), dtype=torch.int64, device=z.device)
+    ent = torch.empty((B, C), dtype=torch.float32, device=z.device)
+    draw = torch.empty((B, C), dtype=torch.int64, device=z.device)
+    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=z.device)
+    block = min(FUSED_BLOCK, max(16, 1 << (V - 1).bit_length()))
+    kernel[(B * C,)](z, temperature, seed, arg, ent, draw, V, BLOCK=block)
+    return arg, ent, draw
 
 
 def accept_mask(h: torch.Tensor, bound: float) -> torch.Tensor:

@@ -55,6 +55,33 @@ def test_step_record_has_the_required_keys(tmp_path, backend):
         assert s["n"] == 2 * (5 - 3) and s["p10"] <= s["median"] <= s["p90"]
         assert s["iqr"] >= 0 and r["decode_ms"]["median"] > 0
     assert set(rec["summary"]["ms_per_step"]) == {"12", "20"}
+    assert rec["compile_s"] is None  # not compiled
+    if backend == "torch":
+        assert rec["expert_gemm"] == "grouped_mm"
+        for r in rec["results"]:
+            assert r["host_syncs_per_step"] == {
+                "per_step": 0.0,
+                "method": "expert-GEMM reads",
+            }
+    else:
+        assert (
+            rec["expert_gemm"] is None
+            and rec["results"][0]["host_syncs_per_step"] is None
+        )
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_step_record_counts_the_loop_paths_host_reads(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFGEM_EXPERT_GEMM", "loop")
+    rec = _run(
+        tmp_path, "step", "--backend", "torch", "--context", "12", "--steps", "4",
+        "--repeats", "1", "--warmup", "0",
+    )  # fmt: skip
+    assert rec["expert_gemm"] == "loop"
+    # two grouped GEMMs in each of the tiny preset's MoE layers, once per step
+    layers = rec["model"]["text_config"]["num_hidden_layers"]
+    want = 2.0 * layers
+    assert rec["results"][0]["host_syncs_per_step"]["per_step"] == want
 
 
 @pytest.mark.skipif(not (HAS_TORCH and HAS_TRANSFORMERS), reason="needs transformers")
@@ -287,6 +314,7 @@ def test_device_check_script_on_cpu(tmp_path):
         PRESET="tiny",
         CONTEXTS="12",
         STEPS="4",
+        CHEAP_DRAFTER="self:layers=0,3",
         PY=sys.executable,
         OMP_NUM_THREADS="1",
     )
@@ -295,5 +323,21 @@ def test_device_check_script_on_cpu(tmp_path):
     script = Path(__file__).resolve().parents[1] / "bench" / "device_check.sh"
     out = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    recs = [json.loads(p.read_text()) for p in tmp_path.glob("step-*.json")]
-    assert sorted(str(r["compile"]) for r in recs) == ["None", "reduce-overhead"]
+    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    steps = [r for r in recs if r["suite"] == "step"]
+    assert sorted(str(r["compile"]) for r in steps) == [
+        "None",
+        "default",
+        "reduce-overhead",
+    ]
+    for r in steps:
+        assert r["expert_gemm"] == "grouped_mm"
+        assert r["results"][0]["host_syncs_per_step"]["per_step"] == 0
+        assert (r["compile_s"] is None) == (r["compile"] is None)
+    (gen,) = [r for r in recs if r["suite"] == "generate"]
+    assert gen["results"][0]["tokens_per_s"] > 0
+    (cost,) = [r for r in recs if r["suite"] == "spec-cost"]
+    assert set(cost["results"][0]["drafters"]) == {"self", "self:layers=0,3"}
+    table = out.stdout[out.stdout.rindex("| run |") :].splitlines()
+    assert any(line.startswith("| step reduce-overhead/layer") for line in table)
+    assert any("drafter self:layers=0,3" in line for line in table)

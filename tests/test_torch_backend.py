@@ -211,17 +211,6 @@ def test_gpu_attention_layout_on_cpu(target, hf_model, monkeypatch, padded):
     assert_close(target.decode(canvas, cache), want, tol=1e-3)
 
 
-def test_expert_loop_fallback_matches_grouped_mm(target, monkeypatch):
-    from cuda_backend import model as model_mod
-
-    ids, canvas = _ids(14, (2, 9)), _ids(15, (2, 8), 0)
-    cache = target.new_cache(2)
-    target.encode(ids, cache)
-    fast = target.decode(canvas, cache)
-    monkeypatch.setattr(model_mod, "_has_grouped_mm", lambda w: False)
-    assert_close(target.decode(canvas, cache), fast, tol=1e-5)
-
-
 @needs_transformers
 def test_bfloat16_matches_transformers(tiny_path, hf_model):
     """The GPU dtype flow (bf16 weights, fp32 norms/softmax/expert sums, embed scale
@@ -595,11 +584,18 @@ def test_int8_load_and_generate(tiny_path):
         load(tiny_path, device="cpu", quantization={"bits": 4, "group_size": 64})
 
 
-def test_compiled_step_matches_eager(tiny_path, target):
-    """compile=True: the decoder is one graph (no breaks, so no host syncs), the
-    cache can grow without recompiling, and generation gives the eager tokens."""
+@pytest.mark.parametrize("scope", ["layer", "decoder"])
+def test_compiled_step_matches_eager(tiny_path, target, scope, monkeypatch):
+    """compile=True: each decoder layer (or the whole decoder) is one graph (no
+    breaks, so no host syncs), the cache can grow without recompiling, and
+    generation gives the eager tokens."""
+    from torch._dynamo.utils import counters
+
     from cuda_backend.backend import load
     from mlx_diffgem.core.generate import generate_ids
+
+    monkeypatch.setenv("DIFFGEM_COMPILE_SCOPE", scope)
+    breaks = sum(counters["graph_break"].values())
 
     # "reduce-overhead" takes the CUDA-graph branch on CUDA; on CPU it compiles as
     # "default", so this runs the same code path here.
@@ -619,14 +615,16 @@ def test_compiled_step_matches_eager(tiny_path, target):
     assert_close(got[True][0], got[False][0], tol=1e-3)
     assert_close(got[True][1], got[False][1], tol=1e-3)
 
-    cache = compiled.new_cache(2)
-    compiled.encode(ids, cache)
-    t = torch.as_tensor(canvas).long()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(type(compiled.model).decode)(
-            compiled.model, t, cache, None
-        )
-    assert explained.graph_break_count == 0
+    assert sum(counters["graph_break"].values()) == breaks
+    if scope == "decoder":
+        cache = compiled.new_cache(2)
+        compiled.encode(ids, cache)
+        t = torch.as_tensor(canvas).long()
+        with torch.no_grad():
+            explained = torch._dynamo.explain(type(compiled.model).decode)(
+                compiled.model, t, cache, None
+            )
+        assert explained.graph_break_count == 0
 
     prompt = _ids(45, (1, 9))
     kw = dict(seed=3, max_new_tokens=24)
@@ -636,13 +634,21 @@ def test_compiled_step_matches_eager(tiny_path, target):
     # A few variants get their own graph (self-conditioning or not, cache states
     # before and after the sliding window fills); after that, other prompt lengths
     # and more canvases (every cache length) reuse them.
-    from torch._dynamo.utils import counters
-
     generate_ids(compiled, _ids(46, (1, 30)), seed=4, max_new_tokens=40)
     graphs = counters["stats"]["unique_graphs"]
     for n, new in ((60, 48), (3, 8), (17, 24)):
         generate_ids(compiled, _ids(n, (1, n)), seed=5, max_new_tokens=new)
     assert counters["stats"]["unique_graphs"] == graphs
+    assert sum(counters["graph_break"].values()) == breaks
+
+
+def test_compile_scope_is_checked(monkeypatch):
+    from cuda_backend.compile import scope
+
+    assert scope() == "layer"
+    monkeypatch.setenv("DIFFGEM_COMPILE_SCOPE", "model")
+    with pytest.raises(ValueError, match="DIFFGEM_COMPILE_SCOPE: expected one of"):
+        scope()
 
 
 def test_compile_argument_errors(tiny_path):

@@ -1,0 +1,72 @@
+"""The short table `bench/device_check.sh` prints last, from the records it wrote.
+
+    python -m bench.device_table OUT_FOLDER
+
+One row per record and context: what ran (suite, compilation, expert-GEMM path,
+sampler), the step's median and share of the floor, host syncs per step, compile
+time, and tokens/s for generation; spec-cost rows give the target's pass and each
+drafter's, with its ratio to the target's. Nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HEADER = ["run", "context", "ms", "% floor", "syncs/step", "compile s", "tok/s"]
+
+
+def _run_label(rec: dict) -> str:
+    bits = [rec["suite"], rec.get("compile") or "eager"]
+    if rec.get("compile_scope"):
+        bits[-1] += f"/{rec['compile_scope']}"
+    bits.append(rec.get("expert_gemm") or "-")
+    bits.append("fused" if rec.get("fused_sampler") else "torch-sampler")
+    return " ".join(bits)
+
+
+def _f(x, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def rows(rec: dict) -> list[list[str]]:
+    label, out = _run_label(rec), []
+    for p in rec.get("results", []):
+        syncs = (p.get("host_syncs_per_step") or {}).get("per_step")
+        ms = (p.get("step_ms") or {}).get("median")
+        if rec["suite"] == "spec-cost":
+            target = _f(p["target_ms"]["median"], 2)
+            out.append([label + " target", str(p["context"]), target] + ["-"] * 4)
+            for name, d in p["drafters"].items():
+                ms = f"{_f(d['drafter_ms']['median'], 2)} (x{d['measured_ratio']})"
+                out.append([f"  drafter {name}", str(p["context"]), ms] + ["-"] * 4)
+            continue
+        out.append(
+            [
+                label,
+                str(p.get("context", "-")),
+                _f(ms, 2),
+                _f(p.get("pct_of_floor")),
+                _f(syncs, 2),
+                _f(rec.get("compile_s")),
+                _f(p.get("tokens_per_s")),
+            ]
+        )
+    return out
+
+
+def table(folder: Path) -> str:
+    body = []
+    for path in sorted(folder.glob("*.json")):
+        rec = json.loads(path.read_text())
+        if isinstance(rec, dict) and "suite" in rec:
+            body += rows(rec)
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        sys.exit("usage: python -m bench.device_table OUT_FOLDER")
+    print(table(Path(sys.argv[1])))

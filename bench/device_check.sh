@@ -4,6 +4,7 @@
 # random bf16 weights made on the GPU (--weights device: no 51 GB checkpoint):
 #   1. the step at 512 / 2k / 8k cached tokens: eager, compiled (one decoder layer
 #      compiled and reused: compile time in the record), and with CUDA graphs;
+#      and with FP8 weights (eager);
 #   2. end-to-end generation at 16 passes per canvas (tokens/s);
 #   3. the drafters' pass cost next to the target's (spec-cost);
 # floors from the GPU's own measured matmul rate and copy bandwidth (--measure).
@@ -44,6 +45,9 @@ step=(step --context "$CONTEXTS" --steps "$STEPS" --repeats 3 --warmup 1 --measu
 run "${step[@]}"
 run "${step[@]}" --compile default
 run "${step[@]}" --compile reduce-overhead
+# FP8 (e4m3, per-row scales): Linear layers through torch._scaled_mm; the experts'
+# weights are fp8 in memory, dequantized per call (no fused fp8 grouped GEMM yet)
+run "${step[@]}" --quantization fp8
 run generate --context 512 --canvases 2 --max-denoising-steps 16 --repeats 2 \
   --warmup 1 --compile default
 run spec-cost --context 512 --steps "$STEPS" --repeats 2 --warmup 1 \

@@ -49,9 +49,11 @@ def torch_target(
     seed: int = 0,
     canvas: int | None = None,
     compile: bool | str = False,
+    quantization: str | None = None,
 ):
-    """A TorchTarget of `preset` with random weights made on `device`."""
-    from cuda_backend import backend
+    """A TorchTarget of `preset` with random weights made on `device` (then
+    quantized, "int8" or "fp8", when asked)."""
+    from cuda_backend import backend, quantize
     from cuda_backend.compile import check_mode, compile_model
     from cuda_backend.model import Model
 
@@ -66,6 +68,8 @@ def torch_target(
     init_random(model, seed)
     model.init_buffers()
     model.eval().requires_grad_(False)
+    if quantization is not None:
+        quantize.quantize_model(model, quantization)
     if mode is not None:
         compile_model(model, mode)
     gen = GenerationConfig.from_dict(checkpoints.BENCH_GENERATION)

@@ -135,6 +135,7 @@ def spread(samples_s: list[float], scale: float = 1e3) -> dict[str, float | int]
 
 QUANT_FOR_COST = {None: "bf16", "8bit": "8bit", "4bit": "4bit", "mixed": "mixed"}
 QUANT_FOR_COST["int8"] = "8bit"
+QUANT_FOR_COST["fp8"] = "8bit"  # one byte per weight, as int8
 
 
 def floor_device(accelerator: str, measured: Any = None) -> Any:

@@ -30,7 +30,7 @@ SUITES = ("step", "prefill", "generate", "peers", "spec", "spec-cost", "hygiene"
 SPEC_SUITES = ("spec", "spec-cost")
 DEFAULT_REPEATS = {"spec": 3}  # others: 5
 PRESETS = ("tiny", "mid", "released")
-QUANTS = ("4bit", "8bit", "mixed", "int8")
+QUANTS = ("4bit", "8bit", "mixed", "int8", "fp8")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -220,8 +220,11 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--device: only for the torch backend")
     if args.compile and args.backend != "torch":
         p.error("--compile: only for the torch backend")
-    if args.weights == "device" and (args.backend != "torch" or args.quantization):
-        p.error("--weights device: torch backend only, without --quantization")
+    torch_quant = (None, "int8", "fp8")
+    if args.weights == "device" and (
+        args.backend != "torch" or args.quantization not in torch_quant
+    ):
+        p.error("--weights device: torch backend only, quantization int8 or fp8")
     if args.weights == "device" and args.suite == "peers":
         p.error("--weights device: peers load the checkpoint themselves")
     if args.compile and args.warmup < 1:

@@ -106,6 +106,7 @@ def _load(args: argparse.Namespace) -> tuple[Path | None, Any]:
             seed=args.seed,
             canvas=args.canvas,
             compile=args.compile or False,
+            quantization=args.quantization,
         )
         return None, target
     path = checkpoints.build(

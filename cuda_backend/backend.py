@@ -254,7 +254,9 @@ def load(
     Args:
         path: a checkpoint folder or a Hugging Face repo id.
         dtype: "bfloat16" | "float16" | "float32" (default: bf16 on GPU, fp32 on CPU).
-        quantization: "int8" (or {"bits": 8}): weight-only int8, see quantize.py.
+        quantization: "int8" (or {"bits": 8}): weight-only int8; "fp8" (or
+            {"bits": 8, "mode": "fp8"}): e4m3 weights with per-row scales, through
+            torch._scaled_mm where it runs; see quantize.py.
         device: "cuda" | "cpu" | "mps" (default: cuda if available, else cpu).
         max_len: initial K/V capacity of the full-attention layers (grows as needed).
         compile: run the decoder pass and the sampler step through `torch.compile`

@@ -230,13 +230,16 @@ class Experts(nn.Module):
         return grouped_linear(x, getattr(self, name), offs, self.path)
 
 
+_COMPUTE = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def use_expert_path(model: nn.Module) -> str:
     """Fix every expert layer's GEMM path for its weights as they are now; the path."""
     paths = set()
     for m in model.modules():
         if isinstance(m, Experts):
-            w = m.gate_up_proj  # int8 experts multiply in the model's float dtype
-            m.path = choose(w if w.is_floating_point() else w[:0].to(model.dtype))
+            w = m.gate_up_proj  # int8 / fp8 experts multiply in the model's dtype
+            m.path = choose(w if w.dtype in _COMPUTE else w[:0].to(model.dtype))
             paths.add(m.path)
     if len(paths) > 1:
         raise RuntimeError(

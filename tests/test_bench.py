@@ -255,6 +255,16 @@ def test_step_on_device_made_weights(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_fp8_step_on_device_made_weights(tmp_path):
+    rec = _run(
+        tmp_path, "step", "--backend", "torch", "--weights", "device", "--device",
+        "cpu", "--quantization", "fp8", "--context", "12", "--steps", "4",
+        "--repeats", "1", "--warmup", "0",
+    )  # fmt: skip
+    assert rec["quantization"] == "fp8" and rec["results"][0]["step_ms"]["median"] > 0
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_device_weights_follow_the_checkpoint_recipe():
     import torch
 
@@ -290,6 +300,18 @@ def test_measure_torch_on_cpu():
     "argv, match",
     [
         (["step", "--weights", "device"], "torch backend only"),
+        (
+            [
+                "step",
+                "--backend",
+                "torch",
+                "--weights",
+                "device",
+                "--quantization",
+                "4bit",
+            ],
+            "quantization int8 or fp8",
+        ),
         (["peers", "--backend", "torch", "--weights", "device"], "peers load"),
     ],
 )
@@ -325,10 +347,12 @@ def test_device_check_script_on_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     recs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     steps = [r for r in recs if r["suite"] == "step"]
-    assert sorted(str(r["compile"]) for r in steps) == [
-        "None",
-        "default",
-        "reduce-overhead",
+    runs = sorted((str(r["compile"]), str(r["quantization"])) for r in steps)
+    assert runs == [
+        ("None", "None"),
+        ("None", "fp8"),
+        ("default", "None"),
+        ("reduce-overhead", "None"),
     ]
     for r in steps:
         assert r["expert_gemm"] == "grouped_mm"

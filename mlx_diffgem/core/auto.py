@@ -35,9 +35,9 @@ def apple_silicon() -> bool:
 
 
 def mlx_only(path: Any = None, quantization: Any = None) -> bool:
-    """Quantization the torch backend lacks (it has int8 only), or a local checkpoint
-    that `diffgem convert` quantized for MLX."""
-    if quantization is not None and quantization != "int8":
+    """Quantization the torch backend lacks (it has int8 and fp8 only), or a local
+    checkpoint that `diffgem convert` quantized for MLX."""
+    if quantization is not None and quantization not in ("int8", "fp8"):
         # torch's int8 is per channel: {"bits": 8} only, no group size
         q = quantization if isinstance(quantization, dict) else {}
         if q.get("bits") != 8 or "group_size" in q:

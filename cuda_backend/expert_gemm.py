@@ -33,7 +33,7 @@ import torch.nn.functional as F
 PATHS = ("grouped_mm", "_grouped_mm", "triton", "loop")
 SLOW = frozenset({"loop"})
 ENV = "DIFFGEM_EXPERT_GEMM"
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)  # what the paths multiply
 _syncs = [0]
 
 
@@ -77,7 +77,7 @@ def runnable(path: str, w: torch.Tensor) -> bool:
         )
     if path == "triton":
         usable = cuda or (dev.type == "cpu" and interpreting())
-        return usable and w.dtype in _FLOATS and has_triton()
+        return usable and w.dtype in FLOATS and has_triton()
     return path == "loop"
 
 

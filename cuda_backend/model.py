@@ -23,7 +23,7 @@ from mlx_diffgem.core.plan import PassPlan
 from mlx_diffgem.core.validate import check_pass_sc
 
 from .cache import Cache, LayerCache, Masks
-from .expert_gemm import choose, grouped_linear, triton_grouped
+from .expert_gemm import FLOATS, choose, grouped_linear, triton_grouped
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -230,16 +230,13 @@ class Experts(nn.Module):
         return grouped_linear(x, getattr(self, name), offs, self.path)
 
 
-_COMPUTE = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def use_expert_path(model: nn.Module) -> str:
     """Fix every expert layer's GEMM path for its weights as they are now; the path."""
     paths = set()
     for m in model.modules():
         if isinstance(m, Experts):
             w = m.gate_up_proj  # int8 / fp8 experts multiply in the model's dtype
-            m.path = choose(w if w.dtype in _COMPUTE else w[:0].to(model.dtype))
+            m.path = choose(w if w.dtype in FLOATS else w[:0].to(model.dtype))
             paths.add(m.path)
     if len(paths) > 1:
         raise RuntimeError(

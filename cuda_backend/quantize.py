@@ -78,39 +78,53 @@ def scaled_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
     return bool((y.float() == 16).all())
 
 
+def _store_weight(module: nn.Module, linear: nn.Linear, mode: str, quantize) -> None:
+    """`linear`'s weight quantized into `module`'s weight and scales buffers."""
+    if linear.bias is not None:
+        raise ValueError(
+            f"quantization: {mode} Linear layers with a bias are not supported"
+        )
+    q, s = quantize(linear.weight.detach())
+    module.register_buffer("weight", q)
+    module.register_buffer("scales", s)
+
+
 class Int8Linear(nn.Module):
     """A bias-free Linear with int8 weights and per-output-channel scales."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError(
-                "quantization: int8 Linear layers with a bias are not supported"
-            )
-        q, s = quantize_int8(linear.weight.detach())
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", s)
+        _store_weight(self, linear, "int8", quantize_int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype)) * self.scales
 
 
-class Int8Experts(Experts):
-    """The fused expert tensors in int8; each row's output gets its expert's scales."""
+class ScaledExperts(Experts):
+    """The fused expert tensors stored quantized with per-row scales (`quantize`);
+    each row's output gets its expert's scales. The GEMM runs in `compute(x.dtype)`."""
+
+    quantize = staticmethod(quantize_int8)
+    compute = staticmethod(lambda dtype: dtype)
 
     def __init__(self, experts: Experts):
         nn.Module.__init__(self)
         self.path = experts.path
         for name in ("gate_up_proj", "down_proj"):
-            q, s = quantize_int8(getattr(experts, name).detach())
+            q, s = self.quantize(getattr(experts, name).detach())
             self.register_buffer(name, q)
             self.register_buffer(name + "_scales", s)
 
     def project(
         self, name: str, x: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
-        y = grouped_linear(x, getattr(self, name).to(x.dtype), offs, self.path)
-        return y * getattr(self, name + "_scales")[ids]
+        ct = self.compute(x.dtype)
+        y = grouped_linear(x.to(ct), getattr(self, name).to(ct), offs, self.path)
+        return (y * getattr(self, name + "_scales")[ids]).to(x.dtype)
+
+
+class Int8Experts(ScaledExperts):
+    """The fused expert tensors in int8, multiplied in the activation dtype."""
 
 
 class Fp8Linear(nn.Module):
@@ -118,14 +132,8 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError(
-                "quantization: fp8 Linear layers with a bias are not supported"
-            )
         w = linear.weight.detach()
-        q, s = quantize_fp8(w)
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", s)
+        _store_weight(self, linear, "fp8", quantize_fp8)
         # The CUDA kernels want both widths divisible by 16; fixed here, before a
         # compiled graph traces the forward. False: the emulation (tests set it).
         fits = w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0
@@ -149,29 +157,16 @@ class Fp8Linear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
-class Fp8Experts(Experts):
-    """The fused expert tensors in fp8 (weights only); each row's output gets its
-    expert's scales."""
+class Fp8Experts(ScaledExperts):
+    """The fused expert tensors in fp8 (weights only), multiplied where the raw
+    fp8 values are exact (`compute_dtype`)."""
 
-    def __init__(self, experts: Experts):
-        nn.Module.__init__(self)
-        self.path = experts.path
-        for name in ("gate_up_proj", "down_proj"):
-            q, s = quantize_fp8(getattr(experts, name).detach())
-            self.register_buffer(name, q)
-            self.register_buffer(name + "_scales", s)
-
-    def project(
-        self, name: str, x: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor
-    ) -> torch.Tensor:
-        ct = compute_dtype(x.dtype)
-        y = grouped_linear(x.to(ct), getattr(self, name).to(ct), offs, self.path)
-        return (y * getattr(self, name + "_scales")[ids]).to(x.dtype)
+    quantize = staticmethod(quantize_fp8)
+    compute = staticmethod(compute_dtype)
 
 
 LINEAR = {"int8": Int8Linear, "fp8": Fp8Linear}
 EXPERTS = {"int8": Int8Experts, "fp8": Fp8Experts}
-QUANTIZED = tuple(EXPERTS.values())
 
 
 def check_mode(quantization: dict[str, Any] | str) -> str:
@@ -197,6 +192,6 @@ def quantize_model(model: Model, quantization: dict[str, Any] | str) -> Model:
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and not name.endswith("router"):
                 setattr(module, child_name, linear(child))
-            elif isinstance(child, Experts) and not isinstance(child, QUANTIZED):
+            elif isinstance(child, Experts) and not isinstance(child, ScaledExperts):
                 setattr(module, child_name, experts(child))
     return model

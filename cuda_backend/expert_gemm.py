@@ -18,6 +18,9 @@ graph. Paths, tried in this order by `choose`:
 - "loop": one matmul per expert that got rows; reads `offs` on the host (one sync
   per call). Works everywhere; the slow path.
 
+Training (autograd on the weights) skips "triton", which has no backward: a float32
+model training on a GPU takes the loop.
+
 `DIFFGEM_EXPERT_GEMM=<path>` forces one (a path that cannot run there raises).
 `host_syncs()` counts the loop path's host reads since import, for step records.
 """
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 PATHS = ("grouped_mm", "_grouped_mm", "triton", "loop")
 SLOW = frozenset({"loop"})
+NO_BACKWARD = frozenset({"triton"})  # custom ops without an autograd formula
 ENV = "DIFFGEM_EXPERT_GEMM"
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)  # what the paths multiply
 _syncs = [0]
@@ -81,21 +85,30 @@ def runnable(path: str, w: torch.Tensor) -> bool:
     return path == "loop"
 
 
+def training(w: torch.Tensor) -> bool:
+    """Whether this call records gradients for `w` (training: the Triton kernels
+    have no backward, the other paths do)."""
+    return torch.is_grad_enabled() and w.requires_grad
+
+
 def choose(w: torch.Tensor) -> str:
-    """The path for weights like `w`: the forced one, else the first that runs."""
+    """The path for weights like `w`: the forced one, else the first that runs
+    (under autograd, the first with a backward: not Triton)."""
     forced = os.environ.get(ENV)
+    grad = training(w)
     if forced:
         if forced not in PATHS:
             raise ValueError(
                 f"{ENV}: expected one of {', '.join(PATHS)}, got {forced!r}"
             )
-        if not runnable(forced, w):
+        if not runnable(forced, w) or (grad and forced in NO_BACKWARD):
+            why = " under autograd" if runnable(forced, w) else ""
             raise ValueError(
-                f"{ENV}={forced}: cannot run for {w.dtype} weights on {w.device} "
-                f"with torch {torch.__version__}"
+                f"{ENV}={forced}: cannot run for {w.dtype} weights on {w.device}"
+                f"{why} with torch {torch.__version__}"
             )
         return forced
-    return next(p for p in PATHS if runnable(p, w))
+    return next(p for p in PATHS if runnable(p, w) and not (grad and p in NO_BACKWARD))
 
 
 def slow_note(path: str, device: torch.device) -> str | None:
@@ -130,9 +143,11 @@ def grouped_linear(
 ) -> torch.Tensor:
     """Rows of x sorted by expert times each expert's w[e]^T ([E, out, in]) -> [R, out].
 
-    `path` as chosen once for the weights (`choose`); None chooses now.
+    `path` as chosen once for the weights (`choose`); None chooses now, and so does
+    a path without a backward when `w` is being trained.
     """
-    path = path or choose(w)
+    if path is None or (path in NO_BACKWARD and training(w)):
+        path = choose(w)
     if path == "grouped_mm":
         if torch.compiler.is_compiling() and w.dtype != torch.bfloat16:
             return opaque_grouped_mm(x, w, offs)

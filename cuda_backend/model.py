@@ -23,7 +23,7 @@ from mlx_diffgem.core.plan import PassPlan
 from mlx_diffgem.core.validate import check_pass_sc
 
 from .cache import Cache, LayerCache, Masks
-from .expert_gemm import FLOATS, choose, grouped_linear, triton_grouped
+from .expert_gemm import FLOATS, choose, grouped_linear, training, triton_grouped
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -218,7 +218,8 @@ class Experts(nn.Module):
         self, x: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
         """gelu(x gate^T) * (x up^T) for rows sorted by expert; one kernel on Triton."""
-        if self.path == "triton" and type(self).project is Experts.project:
+        fused = self.path == "triton" and not training(self.gate_up_proj)
+        if fused and type(self).project is Experts.project:
             return triton_grouped(x, self.gate_up_proj, offs, True)
         gate, up = self.project("gate_up_proj", x, offs, ids).chunk(2, dim=-1)
         return gelu(gate) * up

@@ -161,6 +161,31 @@ def test_a_forced_path_that_cannot_run_is_refused(monkeypatch):
     assert eg.choose(w) == "loop"
 
 
+def test_training_skips_the_kernels_without_a_backward(monkeypatch):
+    """A float32 model training on a GPU would otherwise pick Triton, whose custom op
+    has no backward: the loop (or grouped_mm) trains, with the loop's gradients."""
+    import torch.nn.functional as F
+
+    from cuda_backend import expert_gemm as eg
+
+    monkeypatch.delenv("DIFFGEM_EXPERT_GEMM", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delattr(F, "grouped_mm", raising=False)
+    x, w, offs = _groups(SIZES[0], K=16, N=8)
+    assert eg.choose(w) == "triton"
+    w.requires_grad_(True)
+    assert eg.choose(w) == "loop"
+    with torch.no_grad():
+        assert eg.choose(w) == "triton"
+    # a path fixed for inference ("triton") gives way while the weights train
+    eg.grouped_linear(x, w, offs, "triton").square().sum().backward()
+    expected = torch.autograd.grad(_reference(x, w, offs).square().sum(), w)[0]
+    torch.testing.assert_close(w.grad, expected.float(), atol=1e-3, rtol=1e-4)
+    monkeypatch.setenv("DIFFGEM_EXPERT_GEMM", "triton")
+    with pytest.raises(ValueError, match="triton: cannot run .* under autograd"):
+        eg.choose(w)
+
+
 # -- a whole decoder pass --------------------------------------------------------------
 
 

@@ -381,3 +381,57 @@ def test_time_budget_schedule_and_best_checkpoint(corpus_dir, tmp_path, torch_mo
     assert st.step == 1 and np.isfinite(st.best)
     out = train.export(tmp_path / "t", tmp_path / "best", which="best")
     assert (out / "model.safetensors").is_file()
+
+
+def test_the_gpu_training_script_returns_a_loadable_model(corpus_dir, tmp_path):
+    """cuda_backend/train_device.sh end to end on the CPU: the corpus unpacked from
+    its archive, a few steps, the best checkpoint exported in bf16 and split into
+    parts that the device tool can return, which reassemble into a model."""
+    import subprocess
+    import sys
+    import tarfile
+
+    from cuda_backend.backend import load
+
+    data, _ = corpus_dir
+    archive = tmp_path / "corpus.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(data, arcname="corpus")
+    out = tmp_path / "out"
+    env = dict(
+        CORPUS=str(archive),
+        OUT=str(out),
+        WORK=str(tmp_path / "work"),
+        DEVICE="cpu",
+        PRESET="tiny",
+        MINUTES="0",
+        STEPS="3",
+        BATCH="2",
+        PY=sys.executable,
+        TRAIN_ARGS=f"--seq-len 40 --canvas {C} --eval-every 2 --threads 1",
+        PATH="/usr/bin:/bin",
+        OMP_NUM_THREADS="1",
+    )
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        ["bash", "cuda_backend/train_device.sh"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    parts = sorted(out.glob("model.tar.*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    blob = tmp_path / "model.tar"
+    blob.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(blob) as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    folder = tmp_path / "back" / "device-model"
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [r["step"] for r in steps if r["kind"] == "eval"] == [2, 3]
+    assert "step 3/3" in (out / "train.log").read_text()
+    target = load(folder, device="cpu", dtype="float32")
+    assert target.config.canvas_length == C

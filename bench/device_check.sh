@@ -7,6 +7,9 @@
 #      and with FP8 weights (eager);
 #   2. end-to-end generation at 16 passes per canvas (tokens/s);
 #   3. the drafters' pass cost next to the target's (spec-cost);
+#   4. transformers' reference and ours, each alone in its process with the same
+#      random weights (bench/peer_weights.py: the reference's tied weights made once,
+#      ~51 GB, not the ~102 GB that from_pretrained builds first);
 # floors from the GPU's own measured matmul rate and copy bandwidth (--measure).
 # Every record names the expert-GEMM path, the sampler and host syncs per step. A
 # short table comes last. Records land in $OUT; commit them under bench/results/.
@@ -14,8 +17,11 @@
 #   run: bash bench/device_check.sh            (from the repository root)
 #   CPU smoke test: DEVICE=cpu PRESET=tiny CONTEXTS=12,20 STEPS=5 \
 #       CHEAP_DRAFTER=self:layers=0,3 bash bench/device_check.sh
-# The transformers peer does not run here: at the released shape it holds a second
-# copy of the weights (~102 GB with ours), see bench/README.md.
+# The peer needs transformers >= 5.23 (DiffusionGemma); the GPU image has 5.17, so
+# carry its wheel: here, once, `echo /.whl/ >> .git/info/exclude; pip download
+# --no-deps --only-binary=:all: --python-version 3.12 -d .whl transformers==5.23.0`,
+# and the device call names ".whl" in carry; this script installs it to /tmp/site.
+# PEERS=0 skips step 4.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -24,7 +30,13 @@ PRESET=${PRESET:-released}
 CONTEXTS=${CONTEXTS:-512,2048,8192}
 STEPS=${STEPS:-8}
 CHEAP_DRAFTER=${CHEAP_DRAFTER:-self:layers=0,5}  # 2 of 30 layers: ~14% of the bytes
+PEERS=${PEERS:-1}
+WHEELS=${WHEELS-.whl}  # empty: install nothing
 PY=${PY:-python3}
+if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site "$WHEELS"/*.whl && export PYTHONPATH=/tmp/site
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Inductor's cache in one place: the later runs reuse what the first one compiled.
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/diffgem-inductor}
@@ -52,5 +64,10 @@ run generate --context 512 --canvases 2 --max-denoising-steps 16 --repeats 2 \
   --warmup 1 --compile default
 run spec-cost --context 512 --steps "$STEPS" --repeats 2 --warmup 1 \
   --drafter self --drafter "$CHEAP_DRAFTER"
+if [ "$PEERS" = 1 ]; then
+  peers=(peers --context "${CONTEXTS%%,*}" --steps "$STEPS" --repeats 3 --warmup 1)
+  run "${peers[@]}" --solo ours
+  run "${peers[@]}" --solo transformers
+fi
 "$PY" -m bench.device_table "$OUT"
 exit $status

@@ -5,7 +5,9 @@
 One row per record and context: what ran (suite, compilation, expert-GEMM path,
 sampler), the step's median and share of the floor, host syncs per step, compile
 time, and tokens/s for generation; spec-cost rows give the target's pass and each
-drafter's, with its ratio to the target's. Nothing is measured here.
+drafter's, with its ratio to the target's; peers rows give each implementation's
+step (timed one per process at the released shape) and ours over transformers'.
+Nothing is measured here.
 """
 
 from __future__ import annotations
@@ -32,7 +34,41 @@ def _f(x, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _peer_rows(rec: dict) -> list[list[str]]:
+    out = []
+    for p in rec["results"]:
+        floor = (p.get("floor") or {}).get("floor_ms")
+        for name, v in p["impls"].items():
+            ms = v["step_ms"]["median"]
+            pct = None if floor is None else 100 * floor / ms
+            row = [f"peers {name}", str(p["context"]), _f(ms, 2), _f(pct)]
+            out.append(row + ["-"] * 3)
+    for rec_info in (rec.get("peers") or {}).values():
+        if rec_info.get("status") != "ok":
+            out.append(["peers: " + rec_info.get("reason", "?")[:80]] + ["-"] * 6)
+    return out
+
+
+def paired_peers(recs: list[dict]) -> list[list[str]]:
+    """ours / transformers per context, from records timed one per process."""
+    ms: dict[tuple[int, str], float] = {}
+    for rec in recs:
+        if rec["suite"] == "peers":
+            for p in rec["results"]:
+                for name, v in p["impls"].items():
+                    ms[p["context"], name] = v["step_ms"]["median"]
+    out = []
+    for (ctx, name), ours in sorted(ms.items()):
+        theirs = ms.get((ctx, "transformers"))
+        if name.startswith("mlx_diffgem") and theirs:
+            ratio = f"x{ours / theirs:.3f}"
+            out.append([f"peers {name}/transformers", str(ctx), ratio] + ["-"] * 4)
+    return out
+
+
 def rows(rec: dict) -> list[list[str]]:
+    if rec["suite"] == "peers":
+        return _peer_rows(rec)
     label, out = _run_label(rec), []
     for p in rec.get("results", []):
         syncs = (p.get("host_syncs_per_step") or {}).get("per_step")
@@ -59,11 +95,9 @@ def rows(rec: dict) -> list[list[str]]:
 
 
 def table(folder: Path) -> str:
-    body = []
-    for path in sorted(folder.glob("*.json")):
-        rec = json.loads(path.read_text())
-        if isinstance(rec, dict) and "suite" in rec:
-            body += rows(rec)
+    recs = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    recs = [r for r in recs if isinstance(r, dict) and "suite" in r]
+    body = [row for rec in recs for row in rows(rec)] + paired_peers(recs)
     lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 

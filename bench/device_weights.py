@@ -5,11 +5,13 @@ minutes of a lent GPU's time and most of its 64 GB disk. Timing needs the weight
 shapes and distributions, not particular values, so `torch_target` allocates the model
 on the device and fills each tensor with the recipe the checkpoint writer uses
 (`checkpoints._init`: same init kind and scale per tensor), drawn by the device's own
-generator. Records made this way say `"weights": "random-on-device"`.
+generator, seeded per tensor by its name. Records made this way say
+`"weights": "random-on-device"`.
 """
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -32,13 +34,20 @@ def _fill(t: torch.Tensor, kind: str, scale: float, gen: torch.Generator) -> Non
         t.mul_(scale)
 
 
+def fill_named(t: torch.Tensor, name: str, seed: int, gen: torch.Generator) -> None:
+    """Tensor `t` (internal name `name`) in place, from a generator seeded by the
+    name: the same numbers whatever order a model lists its tensors in, so that
+    transformers' model (`peer_weights`) gets exactly ours."""
+    gen.manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+    with torch.no_grad():
+        _fill(t, *checkpoints._init(name), gen)
+
+
 def init_random(model: torch.nn.Module, seed: int) -> None:
     """Every weight and layer scalar of `model`, in place, on its own device."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            _fill(t, *checkpoints._init(name), gen)
+    gen = torch.Generator(device=next(model.parameters()).device)
+    for name, t in model.state_dict(keep_vars=True).items():
+        fill_named(t, name, seed, gen)
 
 
 def torch_target(

@@ -123,24 +123,31 @@ class Transformers:
 
     name = "transformers"
 
-    def __init__(self, path: Path, dtype: str, device: str):
+    def __init__(self, model: Any, device: str, weights: str):
         import torch
-        from transformers import DiffusionGemmaForBlockDiffusion
-        from transformers.utils import logging
 
-        logging.disable_progress_bar()  # one record line, not a loading bar
-        self.torch, self.device = torch, device
-        self.model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-            str(path), dtype=getattr(torch, dtype), attn_implementation="sdpa"
-        )
-        self.model.eval().to(device)
-        self.C = int(self.model.config.canvas_length)
+        self.torch, self.device, self.model = torch, device, model
+        self.C = int(model.config.canvas_length)
         self.info = {
             "status": "ok",
             "version": _version("transformers"),
             "how": "DiffusionGemmaForBlockDiffusion.generate, attn sdpa, "
             "default (dynamic) cache, not compiled",
+            "weights": weights,
         }
+
+    @classmethod
+    def load(cls, path: Path, dtype: str, device: str) -> Transformers:
+        """From the preset's checkpoint folder, as a user loads it."""
+        import torch
+        from transformers import DiffusionGemmaForBlockDiffusion
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # one record line, not a loading bar
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            str(path), dtype=getattr(torch, dtype), attn_implementation="sdpa"
+        )
+        return cls(model.eval().to(device), device, "from_pretrained")
 
     def generate(self, ids: np.ndarray, steps: int, seed: int) -> Run:
         torch = self.torch
@@ -253,7 +260,7 @@ def load_peer(
         return None, {"status": "unavailable", "reason": f"{pkg} is not installed"}
     try:
         if name == "transformers":
-            peer = Transformers(path, dtype, device)
+            peer = Transformers.load(path, dtype, device)
         else:
             peer = MlxVlm(path, dtype, prefill_chunk)
     except Exception as e:  # noqa: BLE001 - any load failure is recorded, not fatal

@@ -115,6 +115,14 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
         help="peers: transformers,mlx_vlm (default: transformers for torch, "
         "mlx_vlm for mlx)",
     )
+    p.add_argument(
+        "--solo",
+        default=None,
+        choices=["ours", "transformers", "mlx_vlm"],
+        help="peers: time this implementation alone in this process (when two "
+        "copies of the weights do not fit on one device; needed with --weights "
+        "device); bench.device_table pairs the records",
+    )
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
@@ -225,10 +233,24 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.backend != "torch" or args.quantization not in torch_quant
     ):
         p.error("--weights device: torch backend only, quantization int8 or fp8")
-    if args.weights == "device" and args.suite == "peers":
-        p.error("--weights device: peers load the checkpoint themselves")
+    _check_peers(p, args)
     if args.compile and args.warmup < 1:
         p.error("--compile: needs --warmup >= 1 (compilation is not timed)")
+
+
+def _check_peers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.solo is None:
+        if args.suite == "peers" and args.weights == "device":
+            p.error("--weights device: peers run one at a time, pass --solo")
+        return
+    if args.suite != "peers":
+        p.error("--solo: only for the peers suite")
+    if args.solo != "ours":
+        if args.peers and args.peers != [args.solo]:
+            p.error(f"--solo {args.solo}: --peers names another ({args.peers})")
+        args.peers = [args.solo]
+    if args.weights == "device" and args.solo == "mlx_vlm":
+        p.error("--weights device: transformers or ours (torch), not mlx_vlm")
 
 
 def _set_threads(n: int | None) -> None:
@@ -279,7 +301,7 @@ def _record(args: argparse.Namespace) -> dict:
         quantization=args.quantization,
         compile=args.compile,
         expert_gemm=getattr(s.target, "expert_path", None),
-        fused_sampler=getattr(s.target.model, "fused_sampler", None),
+        fused_sampler=getattr(getattr(s.target, "model", None), "fused_sampler", None),
         compile_scope=_compile_scope(args),
         model=s.model,
         settings=_settings(args),
@@ -308,7 +330,8 @@ def _results(s, args: argparse.Namespace) -> dict:
         return suites.step_points(s, args)
     if args.suite == "peers":
         peers, info = suites.load_peers(s, args)
-        return {"peers": info, "results": suites.peers_points(s, args, peers)}
+        points = suites.peers_points(s, args, peers)
+        return {"peers": info, "solo": args.solo, "results": points}
     if args.suite == "spec-cost":
         from . import spec_suites
 
@@ -376,9 +399,10 @@ def summary(rec: dict) -> dict:
         "step": lambda r: r["step_ms"]["median"],
         "prefill": lambda r: r["tokens_per_s"],
         "generate": lambda r: r["tokens_per_s"],
-        "peers": lambda r: {
-            k: v["step_ours_over_peer"] for k, v in r["ratios"].items()
-        },
+        "peers": lambda r: (
+            {k: v["step_ours_over_peer"] for k, v in r["ratios"].items()}
+            or {k: v["step_ms"]["median"] for k, v in r["impls"].items()}
+        ),
         "spec-cost": lambda r: {
             k: v["measured_ratio"] for k, v in r["drafters"].items()
         },
@@ -386,6 +410,7 @@ def summary(rec: dict) -> dict:
     }[rec["suite"]]
     unit = {
         "step": "ms_per_step",
+        "peers": "ms_per_step" if rec.get("solo") else "ratio_ours_over_peer",
         "prefill": "tokens_per_s",
         "generate": "tokens_per_s",
         "spec-cost": "drafter_over_target_pass",
@@ -398,9 +423,7 @@ def summary(rec: dict) -> dict:
         + (f" (compile {rec['compile']})" if rec.get("compile") else ""),
         "preset": rec["model"]["preset"],
         "device": f"{rec['machine']['accelerator']} [{rec['device']}]",
-        unit.get(rec["suite"], "ratio_ours_over_peer"): {
-            str(r["context"]): head(r) for r in rec["results"]
-        },
+        unit[rec["suite"]]: {str(r["context"]): head(r) for r in rec["results"]},
     } | checks
 
 
@@ -521,13 +544,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench.run") -
 
 def write(rec: dict, out: str) -> Path:
     """bench.record.write; spec records get the drafter in their file name (several
-    records of one run share the time stamp)."""
+    records of one run share the time stamp), solo peers records the implementation."""
     from . import record
 
     path = record.write(rec, out)
-    if rec["suite"] != "spec":
+    if rec["suite"] == "spec":
+        name = rec["drafter"]["name"]
+    elif rec.get("solo"):
+        name = f"solo-{rec['solo']}"
+    else:
         return path
-    slug = record.device_slug(rec["drafter"]["name"].replace("=", "-"))
+    slug = record.device_slug(name.replace("=", "-"))
     named = path.with_name(f"{path.stem}-{slug}.json")
     path.replace(named)
     return named

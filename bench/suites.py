@@ -132,8 +132,16 @@ def _measure(target: Any, device: str):
     return measure_torch(target.device) if device == "cuda" else measure_this_machine()
 
 
+def peer_alone(args: argparse.Namespace) -> bool:
+    """A peers run that times a peer alone: our model is not loaded."""
+    return args.suite == "peers" and args.solo not in (None, "ours")
+
+
 def setup(args: argparse.Namespace) -> Setup:
-    """Build (or reuse) the preset's checkpoint and load it on the backend."""
+    """Build (or reuse) the preset's checkpoint and load it on the backend (for a
+    peer timed alone, only what it needs: the checkpoint, unless on the device)."""
+    if peer_alone(args):
+        return _peer_setup(args)
     path, target = _load(args)
     accel, device = where(target)
     measured = _measure(target, device) if args.measure else None
@@ -153,6 +161,47 @@ def setup(args: argparse.Namespace) -> Setup:
         floor_dev,
         measured.to_dict() if measured else None,
         _model_entry(args, path, target.config),
+    )
+
+
+def _peer_setup(args: argparse.Namespace) -> Setup:
+    import torch
+
+    from cuda_backend.backend import _device, resolve_dtype
+
+    path = None
+    if args.weights != "device":
+        path = checkpoints.build(
+            args.preset, root=args.checkpoint_dir, seed=args.seed, canvas=args.canvas
+        )
+    cfg = ModelConfig.from_dict(checkpoints.preset_config(args.preset, args.canvas))
+    dev = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, dev)
+    if dev.type == "cuda":
+        from .hardware import measure_torch
+
+        accel = torch.cuda.get_device_name(dev)
+        measured = measure_torch(dev) if args.measure else None
+        floor_dev = (
+            measured if measured is not None else record.floor_device(accel, None)
+        )
+    else:
+        from .hardware import measure_this_machine
+
+        accel = record.cpu_name()
+        measured = measure_this_machine() if args.measure else None
+        floor_dev = record.floor_device("", measured)
+    entry = _model_entry(args, path, cfg)
+    return Setup(
+        path,
+        None,
+        cfg,
+        accel,
+        dev.type,
+        dtype,
+        floor_dev,
+        measured.to_dict() if measured else None,
+        entry,
     )
 
 
@@ -396,23 +445,52 @@ def _generate_entry(s: Setup, args, context: int, runs: list) -> dict:
 
 
 def load_peers(s: Setup, args: argparse.Namespace) -> tuple[list, dict]:
+    if args.solo == "ours":
+        return [], {}
     names = args.peers or DEFAULT_PEERS[args.backend]
     device = args.device or ("cuda" if s.device == "cuda" else "cpu")
     loaded, info = [], {}
     for name in names:
-        peer, info[name] = impls.load_peer(
-            name, s.path, s.dtype, device, args.prefill_chunk
-        )
+        if args.weights == "device":
+            peer, info[name] = _device_peer(s, args, device)
+        else:
+            peer, info[name] = impls.load_peer(
+                name, s.path, s.dtype, device, args.prefill_chunk
+            )
         if peer is not None:
             loaded.append(peer)
     return loaded, info
 
 
+def _device_peer(s: Setup, args: argparse.Namespace, device: str) -> tuple:
+    """transformers with our random weights made on the device (bench.peer_weights)."""
+    import torch
+
+    from .peer_weights import transformers_model
+
+    try:
+        model = transformers_model(
+            args.preset,
+            device=device,
+            dtype=getattr(torch, s.dtype),
+            seed=args.seed,
+            canvas=args.canvas,
+        )
+    except Exception as e:  # noqa: BLE001 - a peer that fails to build is a result
+        return None, {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    peer = impls.Transformers(model, device, "random-on-device (bench.peer_weights)")
+    return peer, peer.info
+
+
 def peers_points(s: Setup, args: argparse.Namespace, peers: list) -> list[dict]:
     """Per repeat, per context: ours, then each peer. Drift and bursts of background
-    load hit every implementation and every context alike."""
-    ours = impls.Ours(s.target)
-    impl_list = [ours, *peers]
+    load hit every implementation and every context alike. With --solo, the one
+    implementation this process holds."""
+    ours = None if s.target is None else impls.Ours(s.target)
+    impl_list = [ours] if ours is not None else []
+    impl_list += peers
+    if not impl_list:
+        return []  # the peer failed to load: the record says why (its "peers")
     prompts = {n: prompt_ids(s.cfg, 1, n, args.seed) for n in args.context}
     runs = {(n, i.name): [] for n in args.context for i in impl_list}
     for r in range(args.warmup + args.repeats):
@@ -424,7 +502,9 @@ def peers_points(s: Setup, args: argparse.Namespace, peers: list) -> list[dict]:
     out = []
     for n in args.context:
         entries = {i.name: _peer_entry(runs[n, i.name]) for i in impl_list}
-        ratios = {p.name: _ratio(entries, ours.name, p.name) for p in peers}
+        ratios = {}
+        if ours is not None:
+            ratios = {p.name: _ratio(entries, ours.name, p.name) for p in peers}
         out.append(
             {"context": n, "batch": 1, "canvas": s.cfg.canvas_length}
             | {"impls": entries, "ratios": ratios}

@@ -111,6 +111,68 @@ def test_peers_interleaves_ours_and_transformers(tmp_path):
     )
 
 
+@pytest.mark.skipif(not (HAS_TORCH and HAS_TRANSFORMERS), reason="needs transformers")
+def test_the_device_peer_has_our_weights_tied_once():
+    """bench.peer_weights: transformers built with parameters on meta, each tied
+    tensor made once, filled by name as ours: the same logits; another seed differs."""
+    import torch
+
+    from bench import device_weights, peer_weights
+
+    torch.set_num_threads(1)
+    ours = device_weights.torch_target("tiny", device="cpu", dtype="float32", seed=3)
+    cfg = ours.config
+    rng = np.random.default_rng(0)
+    ids = rng.integers(8, cfg.vocab_size - 8, (1, 13))
+    canvas = rng.integers(0, cfg.vocab_size - 8, (1, cfg.canvas_length))
+    cache = ours.new_cache(1)
+    ours.encode(ids.astype(np.int32), cache)
+    want = ours.decode(canvas.astype(np.int32), cache).numpy()
+    for seed, same in ((3, True), (4, False)):
+        hf = peer_weights.transformers_model(
+            "tiny", device="cpu", dtype=torch.float32, seed=seed
+        )
+        named = list(hf.named_parameters(remove_duplicate=False))
+        assert {p.device.type for _, p in named} == {"cpu"}
+        assert len({p.data_ptr() for _, p in named}) == len(list(hf.parameters()))
+        assert len(named) > len(list(hf.parameters()))  # tied encoder aliases
+        with torch.no_grad():
+            got = hf(
+                input_ids=torch.from_numpy(ids),
+                decoder_input_ids=torch.from_numpy(canvas),
+            ).logits.numpy()
+        assert (np.abs(got - want).max() < 1e-4) == same
+
+
+@pytest.mark.skipif(not (HAS_TORCH and HAS_TRANSFORMERS), reason="needs transformers")
+def test_peers_one_implementation_per_process(tmp_path):
+    """--solo: each record holds one implementation; the device table pairs them."""
+    from bench import device_table
+
+    base = ["peers", "--backend", "torch", "--context", "10", "--steps", "5"]
+    base += ["--repeats", "1", "--warmup", "0", "--weights", "device"]
+    base += ["--device", "cpu", "--preset", "tiny", "--out", str(tmp_path)]
+    for solo in ("ours", "transformers"):
+        assert run.main([*base, "--solo", solo]) == 0
+    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    impls = sorted(next(iter(r["results"][0]["impls"])) for r in recs)
+    assert impls == ["mlx_diffgem[torch]", "transformers"]
+    assert all(r["results"][0]["ratios"] == {} for r in recs)
+    ms = {
+        k: v["step_ms"]["median"]
+        for r in recs
+        for k, v in r["results"][0]["impls"].items()
+    }
+    (row,) = device_table.paired_peers(recs)
+    assert row[2] == f"x{ms['mlx_diffgem[torch]'] / ms['transformers']:.3f}"
+    for r in recs:
+        r["_file"] = "x.json"
+    lines = report.peers_table(recs).splitlines()
+    (line,) = [x for x in lines if "(one per process)" in x]
+    assert f"| {ms['mlx_diffgem[torch]'] / ms['transformers']:.3f} |" in line
+    assert report.peers_table(recs[:1]).count("\n") == 1  # alone: no row yet
+
+
 def _synthetic(accel: str, device: str, backend: str, suite: str, results: list):
     return {
         "schema": report.SCHEMA,
@@ -312,7 +374,16 @@ def test_measure_torch_on_cpu():
             ],
             "quantization int8 or fp8",
         ),
-        (["peers", "--backend", "torch", "--weights", "device"], "peers load"),
+        (["peers", "--backend", "torch", "--weights", "device"], "pass --solo"),
+        (["step", "--solo", "ours"], "--solo: only for the peers suite"),
+        (
+            ["peers", "--solo", "transformers", "--peers", "mlx_vlm"],
+            "--peers names another",
+        ),
+        (
+            ["peers", "--backend", "torch", "--weights", "device", "--solo", "mlx_vlm"],
+            "transformers or ours",
+        ),
     ],
 )
 def test_device_weights_argument_errors(argv, match, capsys):
@@ -339,6 +410,7 @@ def test_device_check_script_on_cpu(tmp_path):
         CHEAP_DRAFTER="self:layers=0,3",
         PY=sys.executable,
         OMP_NUM_THREADS="1",
+        WHEELS="",  # the installed transformers
     )
     from pathlib import Path
 
@@ -365,3 +437,11 @@ def test_device_check_script_on_cpu(tmp_path):
     table = out.stdout[out.stdout.rindex("| run |") :].splitlines()
     assert any(line.startswith("| step reduce-overhead/layer") for line in table)
     assert any("drafter self:layers=0,3" in line for line in table)
+    # the peer and ours, one per process, on the same random weights
+    peers = {r["solo"]: r for r in recs if r["suite"] == "peers"}
+    assert set(peers) == {"ours", "transformers"}
+    assert peers["transformers"]["peers"]["transformers"]["status"] == "ok"
+    assert peers["transformers"]["model"]["weights"] == "random-on-device"
+    assert any(
+        line.startswith("| peers mlx_diffgem[torch]/transformers") for line in table
+    )

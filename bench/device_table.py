@@ -23,6 +23,8 @@ def _run_label(rec: dict) -> str:
     bits = [rec["suite"], rec.get("compile") or "eager"]
     if rec.get("compile_scope"):
         bits[-1] += f"/{rec['compile_scope']}"
+    if rec.get("cuda_graphs"):
+        bits.append(f"graphs/{rec['cuda_graphs']['bucket_tokens']}")
     if rec.get("quantization"):
         bits.append(rec["quantization"])
     bits.append(rec.get("expert_gemm") or "-")

@@ -303,6 +303,7 @@ def _record(args: argparse.Namespace) -> dict:
         expert_gemm=getattr(s.target, "expert_path", None),
         fused_sampler=getattr(getattr(s.target, "model", None), "fused_sampler", None),
         compile_scope=_compile_scope(args),
+        cuda_graphs=_graphs(s),
         model=s.model,
         settings=_settings(args),
         measured_machine=s.measured,
@@ -311,6 +312,14 @@ def _record(args: argparse.Namespace) -> dict:
     rec["machine"]["loadavg_after"] = list(os.getloadavg())
     rec["summary"] = summary(rec)
     return rec
+
+
+def _graphs(s) -> dict | None:
+    """The bucketed CUDA graphs of the decoder pass, when the model replays them."""
+    graphs = getattr(getattr(s.target, "model", None), "graphs", None)
+    if graphs is None:
+        return None
+    return {"bucket_tokens": graphs.size, "captured": graphs.captures}
 
 
 def _compile_scope(args: argparse.Namespace) -> str | None:

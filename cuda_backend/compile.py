@@ -16,14 +16,17 @@ the [B, C, V] logits) that the canvas loop uses when present.
   canvas do not, so one graph serves a whole generation.
 - The experts' grouped GEMM is an opaque op in float32 or on Triton
   (`expert_gemm`), so the compiled code has no host syncs on the fast paths.
-- mode "reduce-overhead" (or "max-autotune") also records CUDA graphs on CUDA (one
-  per cache length, reused by every step of a canvas). A replay overwrites the
-  previous replay's output, and the loop feeds each step's logits back as the next
-  step's self-conditioning, so the compiled decoder returns a copy. The decoder
-  writes the canvas K/V into the cache's spare rows; a compiled model's caches mark
-  their buffers as static addresses (`cache._static`) so that graphs may do that.
-  On CPU these modes compile like "default". Not yet run on a GPU with the layer
-  scope.
+- mode "reduce-overhead" (or "max-autotune") also records CUDA graphs on CUDA. In
+  the layer scope: the layers compile without graphs of their own, and the whole
+  plain decoder pass is captured once per context bucket (`graphs.GraphedDecode`,
+  fixed shapes with the cached length on the device). In the decoder scope: torch's
+  own graphs, one per cache length, reused by every step of a canvas. Either way a
+  replay overwrites the previous replay's output, and the loop feeds each step's
+  logits back as the next step's self-conditioning, so the decoder returns a copy.
+  The decoder writes the canvas K/V into the cache's spare rows; a compiled model's
+  caches mark their buffers as static addresses (`cache._static`). On CPU these
+  modes compile like "default" (the tests run the bucketed pass with a stand-in
+  recorder). Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ from .model import Model
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# What a layer compiles with when the whole pass is one CUDA graph (layer scope).
+_LAYER_MODES = {
+    "reduce-overhead": "default",
+    "max-autotune": "max-autotune-no-cudagraphs",
+}
 SCOPES = ("layer", "decoder")
 SCOPE_ENV = "DIFFGEM_COMPILE_SCOPE"
 
@@ -74,11 +82,24 @@ def compile_model(model: Model, mode: str = "default") -> Model:
     """Compile the passes (see `scope`) and the sampler step in place; the model."""
     model.compiled = True  # its passes now run under no_grad (see Model.compiled)
     if scope() == "layer":
-        model.decoder_layer = torch.compile(_decoder_layer, mode=mode, dynamic=True)
+        # Graph modes: the compiled layers (no graphs of their own) inside one
+        # CUDA graph of the whole pass per context bucket (cuda_backend/graphs.py).
+        layer_mode = _LAYER_MODES.get(mode, mode)
+        model.decoder_layer = torch.compile(
+            _decoder_layer, mode=layer_mode, dynamic=True
+        )
+        if mode in _GRAPH_MODES and model.embed_tokens.weight.is_cuda:
+            from .graphs import GraphedDecode
+
+            model.graphs = GraphedDecode(model)
         decode = model.decode
     else:
         decode = torch.compile(model.decode, mode=mode, dynamic=True)
-    if mode in _GRAPH_MODES and model.embed_tokens.weight.is_cuda:
+    if (
+        mode in _GRAPH_MODES
+        and model.graphs is None
+        and model.embed_tokens.weight.is_cuda
+    ):
 
         def decode_graphed(*args, **kwargs) -> torch.Tensor:
             torch.compiler.cudagraph_mark_step_begin()

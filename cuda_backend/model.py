@@ -304,6 +304,9 @@ class Model(nn.Module):
     decoder_layer = None
     # The canvas loop's sampler: one Triton kernel (sampling.fused_step) or torch ops.
     fused_sampler = False
+    # Plain decoder passes replayed as CUDA graphs per context bucket
+    # (`graphs.GraphedDecode`, set by `compile.compile_model`), or None.
+    graphs = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -435,6 +438,8 @@ class Model(nn.Module):
         then reference slots at the same positions, under the layout's order mask;
         the logits are the query slots' [B, C, V].
         """
+        if self.graphs is not None and plan is None and layout is None:
+            return self.graphs(canvas, cache, self_conditioning)
         with self.grad_off():
             order = None if layout is None else layout.mask()
             positions, masks = cache.decoder_masks(canvas.shape[1], order)

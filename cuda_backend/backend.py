@@ -92,14 +92,22 @@ class TorchTarget:
     def new_cache(self, batch_size: int) -> Cache:
         check_batch_size(batch_size)
         static = self.model.compiled  # buffers CUDA graphs may write into
-        return Cache(
+        graphs, spare = self.model.graphs, None
+        key = (batch_size, self.max_len, self.model.dtype)
+        if graphs is not None:  # the last cache's buffers: its graphs replay
+            spare = graphs.spares.take(key)
+        cache = Cache(
             self.config,
             batch_size,
             self.max_len,
             self.device,
             self.model.dtype,
             static,
+            spare,
         )
+        if graphs is not None:
+            graphs.spares.watch(cache, key)
+        return cache
 
     def encode(self, ids: Any, cache: Cache, attention_mask: Any = None) -> None:
         """Causal pass over `ids` [B, S] that appends their K/V to `cache`."""

@@ -103,7 +103,9 @@ class Cache:
         offset: slots processed so far (pads included: positions are slot indices).
         pending: the last committed canvas, encoded at the next call (set by core).
 
-    `static` marks the K/V buffers for torch.compile (see `_static`).
+    `static` marks the K/V buffers for torch.compile (see `_static`). `spare`: the
+    attributes of a dropped cache of the same shape (`graphs.Spares`), whose buffers
+    this one takes over instead of allocating.
     """
 
     backend = "torch"  # generation refuses a cache of another backend
@@ -116,12 +118,19 @@ class Cache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         static: bool = False,
+        spare: dict | None = None,
     ):
         self.batch_size = batch_size
         self.offset = 0
         self.pending: np.ndarray | None = None
         self.window = config.sliding_window
         self.device = torch.device(device)
+        self.has_padding = False
+        if spare is not None:  # a dropped cache's buffers, emptied
+            self.layers, self.valid = spare["layers"], spare["valid"].fill_(True)
+            for layer in self.layers:
+                layer.length = 0
+            return
         C = config.canvas_length
         self.layers = []
         for i in range(config.num_hidden_layers):
@@ -139,7 +148,6 @@ class Cache:
         self.valid = torch.ones(
             batch_size, max_len + C, dtype=torch.bool, device=self.device
         )
-        self.has_padding = False
 
     @property
     def sliding_length(self) -> int:

@@ -20,9 +20,10 @@ so the pass is rewritten over fixed shapes (`StaticView`):
 One graph per (bucket, with or without self-conditioning, batch), captured on first
 use after two warm-up passes (which also compile a compiled layer for the shape),
 all in one memory pool (replays never overlap). A cache buffer that grows moves, and
-the graphs that read it are captured again. A generation of N tokens past a P-token
-prompt captures about 2 (P + N) / BUCKET graphs. Passes with a drafter plan or a
-hidden-verify layout run eagerly.
+the graphs that read it are captured again; a new cache takes the buffers of the last
+one that was dropped (`Spares`), so the next generation replays the same graphs. The
+first generation of N tokens past a P-token prompt captures about 2 (P + N) / BUCKET
+graphs. Passes with a drafter plan or a hidden-verify layout run eagerly.
 
 Host syncs: none inside the pass; the canvas loop keeps its one per step (whether a
 row stopped), which waits for the replay to finish.
@@ -34,6 +35,7 @@ eager pass.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -65,7 +67,11 @@ class StaticView:
     `Model._layers` reads as a cache (`layers`) during a captured pass."""
 
     def __init__(self, cache, bucket: int, offset: torch.Tensor, canvas: int):
-        self.cache, self.bucket, self.C = cache, bucket, canvas
+        # Its buffers, not the cache: a graph keeps its view, and a dropped cache
+        # must die to hand its buffers on (`Spares`). A buffer that grows is a new
+        # address, and a new graph with a new view.
+        self.valid, self.window = cache.valid, cache.window
+        self.bucket, self.C = bucket, canvas
         self.offset = offset  # [] long: slots cached (pads included)
         self.sliding_len = offset.clamp(max=cache.window - 1)  # a sliding layer's
         ar = torch.arange(canvas, device=offset.device)
@@ -81,16 +87,14 @@ class StaticView:
     def masks(self) -> dict[bool, torch.Tensor]:
         """{sliding?: [B, 1, 1, slots] bool}: the stored tokens that are not
         padding, and the canvas."""
-        cache, C, dev = self.cache, self.C, self.offset.device
+        valid, C, dev = self.valid, self.C, self.offset.device
         keys = torch.arange(self.bucket + C, device=dev)
-        stored = (keys < self.offset) & cache.valid[:, : self.bucket + C]
+        stored = (keys < self.offset) & valid[:, : self.bucket + C]
         full = stored | ((keys >= self.offset) & (keys < self.offset + C))
-        keys = torch.arange(cache.window - 1 + C, device=dev)
+        keys = torch.arange(self.window - 1 + C, device=dev)
         # slot j of a sliding layer holds the token at offset - sliding_len + j
-        token = (self.offset - self.sliding_len + keys).clamp(
-            max=cache.valid.shape[1] - 1
-        )
-        stored = (keys < self.sliding_len) & cache.valid[:, token]
+        token = (self.offset - self.sliding_len + keys).clamp(max=valid.shape[1] - 1)
+        stored = (keys < self.sliding_len) & valid[:, token]
         canvas = (keys >= self.sliding_len) & (keys < self.sliding_len + C)
         return {False: full[:, None, None], True: (stored | canvas)[:, None, None]}
 
@@ -152,6 +156,32 @@ def _addresses(cache) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in bufs)
 
 
+class Spares:
+    """The buffers of the last cache that died, for the next cache of its shape:
+    graphs are captured over buffer addresses, so a generation that gets the same
+    buffers replays the previous one's graphs instead of capturing new ones. At
+    most one set is kept (the memory a generation held stays held)."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.state: dict | None = None
+
+    def watch(self, cache, key: tuple) -> None:
+        # The callback holds the cache's attribute dict, not the cache: the
+        # buffers (possibly grown) outlive it, the cache does not.
+        weakref.finalize(cache, self._keep, key, cache.__dict__)
+
+    def _keep(self, key: tuple, state: dict) -> None:
+        self.key, self.state = key, state
+
+    def take(self, key: tuple) -> dict | None:
+        """The spare buffers of a dead cache made with `key`, once; else None."""
+        if self.key != key:
+            return None
+        state, self.key, self.state = self.state, None, None
+        return state
+
+
 class GraphedDecode:
     """`Model.decode` for plain passes, one captured graph per context bucket."""
 
@@ -161,6 +191,7 @@ class GraphedDecode:
         self.graphs: dict[tuple, Recorder | CudaRecorder] = {}
         self.inputs: dict[tuple, _Inputs] = {}
         self.captures = 0  # graphs captured so far (a record reports it)
+        self.spares = Spares()
 
     def __call__(self, canvas, cache, sc) -> torch.Tensor:
         B, C = canvas.shape

@@ -121,7 +121,15 @@ def test_a_generation_through_the_graphs_equals_the_eager_one(target, monkeypatc
     got = generate_ids(target, ids, **kw)
     np.testing.assert_array_equal(got[0], want[0])
     assert got[1].steps_per_canvas == want[1].steps_per_canvas
-    assert graphed.captures >= 3  # with and without self-conditioning, 2+ buckets
+    first = graphed.captures
+    assert first >= 3  # with and without self-conditioning, 2+ buckets
+    # the next generation gets the dropped cache's buffers: no capture, same text
+    again = generate_ids(target, ids, **kw)
+    np.testing.assert_array_equal(again[0], want[0])
+    assert graphed.captures == first
+    kept = target.new_cache(2)  # alive: the one after it gets its own buffers
+    other = target.new_cache(2)
+    assert kept.layers[0].keys.data_ptr() != other.layers[0].keys.data_ptr()
 
 
 def test_compiled_layers_run_inside_the_fixed_shape_pass(tiny_path):

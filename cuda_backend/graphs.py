@@ -71,20 +71,28 @@ class StaticView:
         # must die to hand its buffers on (`Spares`). A buffer that grows is a new
         # address, and a new graph with a new view.
         self.valid, self.window = cache.valid, cache.window
+        self.layer_caches = cache.layers
         self.bucket, self.C = bucket, canvas
         self.offset = offset  # [] long: slots cached (pads included)
-        self.sliding_len = offset.clamp(max=cache.window - 1)  # a sliding layer's
-        ar = torch.arange(canvas, device=offset.device)
-        self.positions = offset + ar
-        self.layers = [self._writer(lc, ar) for lc in cache.layers]
+        self.layers: list[SlotWriter] = []
 
-    def _writer(self, layer_cache, ar: torch.Tensor) -> SlotWriter:
-        if layer_cache.keep is None:  # full attention: the bucket, then the canvas
-            return SlotWriter(layer_cache, self.positions, self.bucket + self.C)
-        upto = layer_cache.keep + self.C
-        return SlotWriter(layer_cache, self.sliding_len + ar, upto)
+    def begin(self) -> tuple[torch.Tensor, dict[bool, torch.Tensor]]:
+        """Positions [C] and masks of this pass, and the layers' slot writers, all
+        from the offset buffer as it is now: inside the graph, so that each replay
+        reads the offset loaded before it."""
+        dev, C = self.offset.device, self.C
+        ar = torch.arange(C, device=dev)
+        positions = self.offset + ar
+        sliding_len = self.offset.clamp(max=self.window - 1)  # a sliding layer's
+        self.layers = [
+            SlotWriter(lc, positions, self.bucket + C)  # full: the bucket, the canvas
+            if lc.keep is None
+            else SlotWriter(lc, sliding_len + ar, lc.keep + C)
+            for lc in self.layer_caches
+        ]
+        return positions, self._masks(sliding_len)
 
-    def masks(self) -> dict[bool, torch.Tensor]:
+    def _masks(self, sliding_len: torch.Tensor) -> dict[bool, torch.Tensor]:
         """{sliding?: [B, 1, 1, slots] bool}: the stored tokens that are not
         padding, and the canvas."""
         valid, C, dev = self.valid, self.C, self.offset.device
@@ -93,17 +101,18 @@ class StaticView:
         full = stored | ((keys >= self.offset) & (keys < self.offset + C))
         keys = torch.arange(self.window - 1 + C, device=dev)
         # slot j of a sliding layer holds the token at offset - sliding_len + j
-        token = (self.offset - self.sliding_len + keys).clamp(max=valid.shape[1] - 1)
-        stored = (keys < self.sliding_len) & valid[:, token]
-        canvas = (keys >= self.sliding_len) & (keys < self.sliding_len + C)
+        token = (self.offset - sliding_len + keys).clamp(max=valid.shape[1] - 1)
+        stored = (keys < sliding_len) & valid[:, token]
+        canvas = (keys >= sliding_len) & (keys < sliding_len + C)
         return {False: full[:, None, None], True: (stored | canvas)[:, None, None]}
 
 
 def static_pass(model, view: StaticView, canvas, sc) -> torch.Tensor:
     """`Model.decode` (no plan, no layout) over the fixed shapes of `view`."""
     with model.grad_off():
+        positions, masks = view.begin()
         h = model._decoder_input(canvas, sc)
-        h = model._layers(h, view.positions, view.masks(), view, False)
+        h = model._layers(h, positions, masks, view, False)
         return model._head(model.norm(h))
 
 

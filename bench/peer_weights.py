@@ -77,8 +77,10 @@ def _checkpoint_tensors(model: nn.Module) -> dict[int, tuple[str, torch.Tensor]]
     named += [*model.named_buffers(remove_duplicate=False)]
     found: dict[int, tuple[str, torch.Tensor]] = {}
     for name, t in named:
-        internal = checkpoint.hf_to_internal(name.removeprefix("lm_head."))
-        if internal is not None and not internal.startswith(("model.", "weight")):
+        if not name.startswith("model.decoder.") and "layer_scalar" not in name:
+            continue  # the head and the encoder's tied weights: aliases of these
+        internal = checkpoint.hf_to_internal(name)
+        if internal is not None:
             found[id(t)] = (internal, t)
     return found
 

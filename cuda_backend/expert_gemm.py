@@ -91,9 +91,16 @@ def training(w: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and w.requires_grad
 
 
-def choose(w: torch.Tensor) -> str:
+def _on_gpu(w: torch.Tensor) -> bool:
+    # Where reading fewer bytes pays; the interpreter (tests) only costs time.
+    return w.device.type == "cuda"
+
+
+def choose(w: torch.Tensor, quantized: bool = False) -> str:
     """The path for weights like `w`: the forced one, else the first that runs
-    (under autograd, the first with a backward: not Triton)."""
+    (under autograd, the first with a backward: not Triton). `quantized`: `w`
+    stands for int8 / fp8 weights, which Triton reads as stored (the other paths
+    widen them first), so on a GPU Triton goes first where it runs."""
     forced = os.environ.get(ENV)
     grad = training(w)
     if forced:
@@ -108,6 +115,8 @@ def choose(w: torch.Tensor) -> str:
                 f"{why} with torch {torch.__version__}"
             )
         return forced
+    if quantized and not grad and _on_gpu(w) and runnable("triton", w):
+        return "triton"
     return next(p for p in PATHS if runnable(p, w) and not (grad and p in NO_BACKWARD))
 
 
@@ -194,10 +203,16 @@ def tile_table(offs: torch.Tensor, rows: int, block_m: int = BLOCK_M) -> torch.T
 
 @torch.library.custom_op("diffgem::triton_grouped", mutates_args=())
 def triton_grouped(
-    x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, gate_up: bool
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offs: torch.Tensor,
+    gate_up: bool,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [R, K] sorted by expert times w[e]^T; with gate_up, w is [E, 2I, K] and the
-    result is gelu_tanh(x w_gate^T) * (x w_up^T), [R, I], in one kernel."""
+    result is gelu_tanh(x w_gate^T) * (x w_up^T), [R, I], in one kernel. `scales`
+    [E, rows of w] float32: w is int8 or fp8, each row times its scale (read as
+    stored: a quantized weight is never widened in memory)."""
     x, w = x.contiguous(), w.contiguous()
     R, K = x.shape
     N = w.shape[1] // 2 if gate_up else w.shape[1]
@@ -208,9 +223,11 @@ def triton_grouped(
     from .expert_kernels import grouped as kernel  # imports Triton
 
     grid = (table.shape[1], -(-N // BLOCK_N))
+    scaled = scales is not None
     kernel[grid](
-        x, w, out, table, K, N, w.shape[1],
+        x, w, scales.contiguous() if scaled else w, out, table, K, N, w.shape[1],
         GATE_UP=gate_up,
+        SCALED=scaled,
         # float32 weights: no TF32 rounding, to match the other paths
         PRECISION="ieee" if x.dtype == torch.float32 else None,
         # Triton 3.9's interpreter gets tl.dot on 16-bit operands wrong (values ~1e10):
@@ -222,5 +239,5 @@ def triton_grouped(
 
 
 @triton_grouped.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, gate_up: bool):
+def _(x, w, offs, gate_up: bool, scales=None):
     return x.new_empty(x.shape[0], w.shape[1] // 2 if gate_up else w.shape[1])

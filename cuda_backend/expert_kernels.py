@@ -7,9 +7,9 @@ import triton.language as tl
 
 @triton.jit
 def grouped(
-    x, w, out, table, K, N, W_ROWS,
-    GATE_UP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    x, w, scales, out, table, K, N, W_ROWS,
+    GATE_UP: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     T = tl.num_programs(0)
@@ -32,6 +32,8 @@ def grouped(
             )
             wmask = kmask[:, None] & cmask[None, :]
             b = tl.load(base + cols[None, :] * K + ks[:, None], mask=wmask, other=0.0)
+            if SCALED:  # int8 / fp8 weights: exact in the activations' dtype
+                b = b.to(a.dtype)
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc += tl.dot(a, b, input_precision=PRECISION)
@@ -41,9 +43,16 @@ def grouped(
                     mask=wmask,
                     other=0.0,
                 )
+                if SCALED:
+                    b = b.to(a.dtype)
                 if UPCAST:
                     b = b.to(tl.float32)
                 up += tl.dot(a, b, input_precision=PRECISION)
+        if SCALED:  # per output row of the weight: applied once, after the sum
+            srow = scales + e.to(tl.int64) * W_ROWS
+            acc *= tl.load(srow + cols, mask=cmask, other=0.0)[None, :]
+            if GATE_UP:
+                up *= tl.load(srow + N + cols, mask=cmask, other=0.0)[None, :]
         if GATE_UP:
             # gelu, tanh approximation: 0.5 g (1 + tanh(u)) = g sigmoid(2u)
             u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)

@@ -237,7 +237,8 @@ def use_expert_path(model: nn.Module) -> str:
     for m in model.modules():
         if isinstance(m, Experts):
             w = m.gate_up_proj  # int8 / fp8 experts multiply in the model's dtype
-            m.path = choose(w if w.dtype in FLOATS else w[:0].to(model.dtype))
+            quantized = w.dtype not in FLOATS
+            m.path = choose(w[:0].to(model.dtype) if quantized else w, quantized)
             paths.add(m.path)
     if len(paths) > 1:
         raise RuntimeError(

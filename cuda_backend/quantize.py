@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .expert_gemm import grouped_linear
+from .expert_gemm import grouped_linear, triton_grouped
 from .model import Experts, Model
 
 SUPPORTED = ("int8", "fp8")
@@ -118,9 +118,21 @@ class ScaledExperts(Experts):
     def project(
         self, name: str, x: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
-        ct = self.compute(x.dtype)
+        ct, scales = self.compute(x.dtype), getattr(self, name + "_scales")
+        if self.path == "triton":  # the stored weights, scaled in the kernel
+            w = getattr(self, name)
+            return triton_grouped(x.to(ct), w, offs, False, scales).to(x.dtype)
         y = grouped_linear(x.to(ct), getattr(self, name).to(ct), offs, self.path)
-        return (y * getattr(self, name + "_scales")[ids]).to(x.dtype)
+        return (y * scales[ids]).to(x.dtype)
+
+    def activated(
+        self, x: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        if self.path != "triton":
+            return super().activated(x, offs, ids)
+        ct, w = self.compute(x.dtype), self.gate_up_proj
+        scales = self.gate_up_proj_scales
+        return triton_grouped(x.to(ct), w, offs, True, scales).to(x.dtype)
 
 
 class Int8Experts(ScaledExperts):

@@ -144,6 +144,14 @@ def test_choice_follows_what_torch_and_the_device_offer(monkeypatch):
     assert eg.choose(w) == "triton"
     assert not eg.runnable("_grouped_mm", w.bfloat16())
     assert not eg.runnable("triton", w.to(torch.int8))
+    # quantized weights on a GPU: Triton reads them as stored, so it goes first
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("DIFFGEM_EXPERT_GEMM", raising=False)
+    assert eg.choose(w, quantized=True) == eg.choose(w) != "triton"  # the CPU
+    monkeypatch.setattr(eg, "_on_gpu", lambda w: True)
+    assert eg.choose(w, quantized=True) == "triton"
+    assert eg.choose(w) != "triton"
 
 
 def test_a_forced_path_that_cannot_run_is_refused(monkeypatch):
@@ -219,10 +227,30 @@ def test_decoder_logits_agree_on_every_path(passes, path):
     np.testing.assert_allclose(passes(path), passes("loop"), atol=1e-4, rtol=0)
 
 
-def test_int8_experts_take_the_chosen_path(passes):
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_quantized_experts_take_the_chosen_path(passes, quant):
     np.testing.assert_allclose(
-        passes("triton", "int8"), passes("loop", "int8"), atol=1e-4, rtol=0
+        passes("triton", quant), passes("loop", quant), atol=1e-4, rtol=0
     )
+
+
+@pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn])
+def test_the_kernel_reads_quantized_weights_as_stored(interpret, qdtype):
+    """int8 / fp8 weights times per-row scales inside the kernel (gate-up fused
+    too), against the dequantized float64 product."""
+    from cuda_backend.expert_gemm import triton_grouped
+
+    x, w, offs = _groups(SIZES[0], K=40, N=2 * 24)
+    q = (w * 20).clamp(-100, 100).to(qdtype)
+    scales = torch.rand(w.shape[:2]) + 0.5
+    deq = q.double() * scales.double()[..., None]
+    want = _reference(x, deq, offs)
+    got = triton_grouped(x, q, offs, False, scales)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    gate, up = want[:, :24], want[:, 24:]
+    fused = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    got = triton_grouped(x, q, offs, True, scales)
+    torch.testing.assert_close(got.double(), fused, atol=1e-4, rtol=1e-5)
 
 
 def test_the_slow_path_on_a_gpu_is_named_once_to_the_user():

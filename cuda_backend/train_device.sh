@@ -49,4 +49,8 @@ cp "$WORK/run/metrics.jsonl" "$OUT/"
 "$PY" -m cuda_backend.train --out "$WORK/run" --export "$WORK/device-model" \
   --export-which best --export-dtype bfloat16
 tar -cf - -C "$WORK" device-model | split -b 15m -d - "$OUT/model.tar."
+# One completion in the log, to see at once whether it writes code (not a measure).
+"$PY" -m mlx_diffgem generate --model "$WORK/device-model" --backend torch \
+  --device "$DEVICE" --prompt "def fibonacci(n):" --max-tokens 64 --seed 0 \
+  2>&1 | tee "$OUT/sample.txt" || echo "sample failed (the model is still in $OUT)"
 ls -l "$OUT"

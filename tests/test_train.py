@@ -433,5 +433,6 @@ def test_the_gpu_training_script_returns_a_loadable_model(corpus_dir, tmp_path):
     steps = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert [r["step"] for r in steps if r["kind"] == "eval"] == [2, 3]
     assert "step 3/3" in (out / "train.log").read_text()
+    assert "tok/s" in (out / "sample.txt").read_text()  # one completion ran
     target = load(folder, device="cpu", dtype="float32")
     assert target.config.canvas_length == C

@@ -78,3 +78,84 @@ def _pass_summary(cost: PassCost) -> dict:
         "bytes_by_part": dict(cost.bytes),
         "experts_hit_per_layer": cost.experts_hit_per_layer,
     }
+
+
+def released_plan(plan: Any, source: ModelConfig, cfg: ModelConfig) -> Any:
+    """A trained drafter's plan, made for the model `source`, as the same design on
+    `cfg` (the released shape), for the cost model: the same kept layer indices
+    (each must exist and be of the same kind, sliding or full), experts per token and
+    soft-embedding rows; a head over the same share of the vocabulary; the same
+    number of own layers, at `cfg`'s width (its attention heads and dense MLP)."""
+    from drafter.trained import AdapterConfig
+    from mlx_diffgem.core.plan import PassPlan
+
+    layers = plan.layers
+    if layers is not None:
+        bad = [
+            i for i in layers
+            if i >= cfg.num_hidden_layers or cfg.is_full(i) != source.is_full(i)
+        ]  # fmt: skip
+        if bad:
+            raise ValueError(
+                f"drafter layers {bad}: no layer of the same kind on the released shape"
+            )
+    head = plan.head_vocab
+    if head is not None:
+        head = max(1, round(cfg.vocab_size * head / source.vocab_size))
+    own = getattr(plan.adapter, "config", plan.adapter)
+    adapter = None
+    if own is not None:
+        adapter = AdapterConfig(
+            hidden_size=cfg.hidden_size,
+            num_layers=own.num_layers,
+            num_heads=cfg.num_attention_heads,
+            head_dim=cfg.head_dim,
+            intermediate_size=cfg.intermediate_size,
+        )
+    return PassPlan(
+        layers=layers,
+        top_k=None if plan.top_k is None else min(plan.top_k, cfg.num_experts),
+        sc_top_k=plan.sc_top_k,
+        head_vocab=head,
+        adapter=adapter,
+    ).checked(cfg)
+
+
+# The bandwidth regimes of DESIGN §1: a Mac with 4-bit weights, an H200 in bf16.
+BYTE_REGIMES = {"mac-4bit": "4bit", "h200-bf16": "bf16"}
+
+
+def byte_regime(
+    cfg: ModelConfig, plan: Any, passes: dict, context: int = 512, hidden: bool = True
+) -> dict:
+    """Measured passes per canvas at each pass's bytes (where bytes bind, a pass
+    costs what it streams), per regime of BYTE_REGIMES, on the config `cfg`.
+
+    `passes`: native target passes, speculative target passes, of which verifies,
+    and drafter passes, per canvas. A hidden verify is one pass over 2C slots (its
+    bytes from the cost model: the same weights, twice the sampler and canvas rows);
+    the others are plain target passes. Model pass-equivalents = bytes / one target
+    pass's bytes."""
+    C = cfg.canvas_length
+    out = {}
+    for name, quant in BYTE_REGIMES.items():
+        step = decoder_cost(cfg, context, quant=quant).total_bytes
+        verify = decoder_cost(cfg, context, canvas=2 * C if hidden else C, quant=quant)
+        draft = decoder_cost(cfg, context, quant=quant, plan=plan).total_bytes
+        target_plain = passes["spec_target"] - passes["verifies"]
+        spec = (
+            target_plain * step
+            + passes["verifies"] * verify.total_bytes
+            + passes["drafter"] * draft
+        )
+        native = passes["native_target"] * step
+        out[name] = {
+            "quant": quant,
+            "target_pass_gb": step / 1e9,
+            "verify_pass_ratio": verify.total_bytes / step,
+            "drafter_pass_ratio": draft / step,
+            "native_pass_equivalents": native / step,
+            "spec_pass_equivalents": spec / step,
+            "native_over_spec": native / spec if spec else None,
+        }
+    return {"context": context, "hidden_verify": hidden, "passes": passes, **out}

@@ -335,13 +335,44 @@ class _Cuts:
     top_k: int | None  # experts per token (None: the config's)
     head: int  # LM head rows: the vocabulary, or the plan's head_vocab
     soft_k: int | None  # soft-embedding rows per token (None: the whole table)
+    adapter: Any = (
+        None  # a trained drafter's own layers (drafter.trained.AdapterConfig)
+    )
 
 
 def _cuts(cfg: ModelConfig, plan: Any) -> _Cuts:
     if plan is None:
         return _Cuts(None, None, cfg.vocab_size, None)
     head = cfg.vocab_size if plan.head_vocab is None else plan.head_vocab
-    return _Cuts(plan.layers, plan.top_k, head, plan.sc_top_k)
+    # a plan holds the adapter module (its .config) or, for a shape it was never
+    # built for (bench.drafter_cost.released_plan), the config itself
+    adapter = getattr(plan, "adapter", None)
+    adapter = getattr(adapter, "config", adapter)
+    return _Cuts(plan.layers, plan.top_k, head, plan.sc_top_k, adapter)
+
+
+def _adapter_matrices(a: Any) -> tuple[Matrix, ...]:
+    """One adapter layer's weights: q, k, v, o and a gated MLP (drafter/adapter_*)."""
+    H, inner, I = a.hidden_size, a.num_heads * a.head_dim, a.intermediate_size
+    return (
+        Matrix("attn", inner, H, 3),
+        Matrix("attn", H, inner),
+        Matrix("mlp", I, H, 2),
+        Matrix("mlp", H, I),
+    )
+
+
+def _adapter_cost(a: Any, q: Quant, T: int, C: int) -> tuple[float, float]:
+    """(FLOPs, weight bytes) of a trained drafter's own layers over T canvas tokens:
+    their matmuls and bidirectional attention over the C canvas tokens."""
+    if a is None:
+        return 0.0, 0.0
+    mats = _adapter_matrices(a)
+    per_layer = (
+        2.0 * T * sum(m.numel for m in mats) + 4.0 * a.num_heads * a.head_dim * T * C
+    )
+    nbytes = sum(q.matrix_bytes(m) for m in mats) + 2 * a.hidden_size * BF16
+    return a.num_layers * per_layer, a.num_layers * nbytes
 
 
 def decoder_cost(
@@ -361,13 +392,14 @@ def decoder_cost(
     is the naive count of spec §5.2 (softcapped logits, processed logits, probabilities,
     the entropy's log-softmax, the self-conditioning softmax); a fused sampler is ~1.
 
-    `plan`: a `drafter.plan.SelfDraftPlan` (or anything with its four fields): the
-    cost of one self-drafter pass instead. Only the kept layers run (their matmuls,
-    attention and KV reads), each token reaches `top_k` experts, the soft embedding
-    is a `sc_top_k`-row weighted sum (2 C k H FLOPs, the gathered rows read) instead
-    of softmax(s) @ E, and the LM head has `head_vocab` rows, the width of the
-    drafter's logits and so of its sampler's tensors. A plan with no cuts costs
-    exactly a target step.
+    `plan`: a `core.plan.PassPlan` (or anything with its four fields): the cost of
+    one drafter pass instead. Only the kept layers run (their matmuls, attention and
+    KV reads), each token reaches `top_k` experts, the soft embedding is a
+    `sc_top_k`-row weighted sum (2 C k H FLOPs, the gathered rows read) instead of
+    softmax(s) @ E, and the LM head has `head_vocab` rows, the width of the drafter's
+    logits and so of its sampler's tensors. A trained drafter's own layers (the
+    plan's `adapter`) add their matmuls, canvas attention and weights ("adapter").
+    A plan with no cuts costs exactly a target step.
     """
     q, B, C = get_quant(quant), batch, canvas or cfg.canvas_length
     T, cut = batch * C, _cuts(cfg, plan)
@@ -377,6 +409,8 @@ def decoder_cost(
         "kv_read": B * _kv_read(cfg, context, kv_shared, cut.layers),
         "sampler": sampler_passes * T * cut.head * FP32,
     }
+    if cut.adapter is not None:
+        flops["adapter"], nbytes["adapter"] = _adapter_cost(cut.adapter, q, T, C)
     return PassCost("decoder", B, C, context, hit, flops, nbytes)
 
 

@@ -319,7 +319,7 @@ def spec_table(records: list[dict]) -> str:
             + [_pair(n["tokens_per_target_pass"], s["tokens_per_target_pass"])]
             + [_f(n["tokens_per_s"]), _f(s["tokens_per_s"])]
             + [f"{r['tokens_per_s_spec_over_native']:.3f} ({lo:.2f}-{hi:.2f})"]
-            + [_flop_speedup(rec)]
+            + [_flop_speedup(rec), _released_share(rec), _byte_regimes(rec)]
             + [f"{_pct(n['parse_rate'])} / {_pct(s['parse_rate'])}{_ci(rec)}"]
             + [_pair(n["committed_entropy"], s["committed_entropy"])]
             + [_pair(n.get("distinct_bigram_share"), s.get("distinct_bigram_share"))]
@@ -329,15 +329,40 @@ def spec_table(records: list[dict]) -> str:
     header += ["tok/target pass native / spec", "tok/s native", "tok/s spec"]
     header += ["spec/native tok/s (paired range)"]
     header += ["if passes cost their FLOPs (drafter / target FLOPs)"]
+    header += ["drafter pass, released shape: bytes / FLOPs of a model pass"]
+    header += [
+        "where bytes bind: model pass-equivalents native / spec (Mac 4-bit; H200)"
+    ]
     header += ["parse rate native / spec (paired 95% interval of the difference)"]
     header += ["committed entropy native / spec", "distinct bigrams native / spec"]
     return _md(header, rows)
 
 
+def _released_share(rec: dict) -> str:
+    rel = (rec.get("cost") or {}).get("released")
+    if not rel:
+        return DASH
+    return f"{rel['bytes_ratio']:.3f} / {rel['flops_ratio']:.3f}"
+
+
+def _byte_regimes(rec: dict) -> str:
+    """Native / speculative model pass-equivalents per canvas, each pass at its bytes
+    on the released shape (bench.drafter_cost.byte_regime; records since 2026-12-05)."""
+    regimes = rec.get("byte_regimes")
+    if not regimes:
+        return DASH
+    return "; ".join(
+        f"{r['native_pass_equivalents']:.1f} / {r['spec_pass_equivalents']:.1f} "
+        f"(x{r['native_over_spec']:.2f})"
+        for r in (regimes["mac-4bit"], regimes["h200-bf16"])
+    )
+
+
 def _flop_speedup(rec: dict) -> str:
     """The speedup the record's pass counts allow if a drafter pass cost its FLOP
-    ratio of a target pass (bench.drafter_cost.pass_speedup); a trained drafter's own
-    layers are not in the cost model, so none for it."""
+    ratio of a target pass (bench.drafter_cost.pass_speedup); records before
+    2026-12-05 left a trained drafter's own layers out of the cost model (a "note"),
+    so none for them."""
     from .drafter_cost import pass_speedup
 
     here = (rec.get("cost") or {}).get("this_model")

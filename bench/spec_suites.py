@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,13 @@ from mlx_diffgem.core.config import ModelConfig
 from mlx_diffgem.core.generate import prefill
 
 from . import record
-from .drafter_cost import pass_speedup, self_draft_cost, self_draft_plan
+from .drafter_cost import (
+    byte_regime,
+    pass_speedup,
+    released_plan,
+    self_draft_cost,
+    self_draft_plan,
+)
 from .pass_cost import decoder_cost, load_preset, param_counts
 from .projection import project_speculative
 from .roofline import floor
@@ -306,30 +313,45 @@ def _released_plan(name: str, cfg: ModelConfig) -> tuple[Any, str]:
 def _spec_cost(
     target: Any, name: str, model: Any, native: dict, spec: dict, context: int
 ) -> dict:
-    """The cost model's drafter/target pass ratio on this model (at the mean prompt
-    length) and on the released shape (context 512), and the projection."""
+    """The cost model's drafter/target pass ratios (FLOPs and bytes) on this model
+    (at the mean prompt length) and on the released shape (context 512), the
+    projection, and the measured passes at their bytes in the bandwidth regimes."""
     from .report import spec_passes
 
-    if getattr(model.drafter, "kind", "") == "trained":
-        here = self_draft_cost(target.config, model.drafter.plan, context=context)
-        here.pop("floor_ratio")
-        note = (
-            "the trained drafter's own layers are not in the cost model (its kept "
-            "target layers and cuts are); no released-model projection: it is "
-            "trained for this model"
-        )
-        return {"cost": {"this_model": here, "note": note}, "projection": None}
     released = load_preset("diffusiongemma-26b-a4b")
-    plan, how = _released_plan(name, released)
+    plan = model.drafter.plan
+    if plan.adapter is not None:  # a trained drafter: its design, at release width
+        there_plan = released_plan(plan, target.config, released)
+        how = (
+            "the trained drafter's design on the released shape (bench.drafter_cost."
+            "released_plan): its layers, experts and soft-embedding rows, a head over "
+            "the same vocabulary share, its own layers at the released width"
+        )
+    else:
+        there_plan, how = _released_plan(name, released)
     passes = spec_passes(native, spec)
-    here = self_draft_cost(target.config, model.drafter.plan, context=context)
+    here = self_draft_cost(target.config, plan, context=context)
     here["speedup_at_flops_ratio"] = pass_speedup(*passes, here["flops_ratio"])
-    there = self_draft_cost(released, plan, context=512)
-    proj = project_speculative(*passes, plan=plan)
+    there = self_draft_cost(released, there_plan, context=512)
+    if there_plan.adapter is not None:
+        there["adapter"] = dataclasses.asdict(there_plan.adapter)
+    proj = project_speculative(*passes, plan=there_plan)
     proj["drafter_plan_source"] = how
     for d in (here, there):
         d.pop("floor_ratio")
-    return {"cost": {"this_model": here, "released": there}, "projection": proj}
+    counts = {
+        "native_target": passes[0],
+        "spec_target": passes[1],
+        "verifies": spec["verify_rounds_per_canvas"]["mean"],
+        "drafter": passes[2],
+    }
+    hidden = model.spec.verify == "hidden"
+    regimes = byte_regime(released, there_plan, counts, hidden=hidden)
+    return {
+        "cost": {"this_model": here, "released": there},
+        "projection": proj,
+        "byte_regimes": regimes,
+    }
 
 
 def spec(args: argparse.Namespace) -> list[dict]:

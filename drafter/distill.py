@@ -9,6 +9,15 @@ self-conditioning signal of its own previous pass on half of the batch, as
 `cuda_backend/train.py` trains the target, and learns to jump to the committed canvas
 from any noise level: few drafter passes where the target needs many.
 
+Certainty forcing (`--certainty W`, dParallel, arXiv 2509.26488) adds W times the
+entropy of the drafter's distribution at the positions it already gets right: a
+drafter that is right and sure commits many positions per pass under the entropy
+bound, so it reaches its draft in a few passes.
+
+The run is resumable: every evaluation writes `state.pt` (adapter, optimizer, step,
+random streams) beside the drafter, and `--resume` goes on from it. `--patience K`
+stops once the held-out loss has not improved for K evaluations (a plateau).
+
     python -m drafter.distill --target mlx_diffgem/assets/default \\
         --out mlx_diffgem/assets/default/drafter --layers 0,1,5 --minutes 30
 """
@@ -44,6 +53,7 @@ class DistillArgs:
     sc_top_k: int = 32  # soft-embedding rows at inference (0: whole vocabulary)
     head_vocab: int = 0  # LM head rows at inference (0: whole vocabulary)
     labels: str = "target"
+    certainty: float = 0.0  # weight of the entropy on correct positions
     steps: int = 400
     minutes: float = 0.0  # > 0: stop after this much training time
     batch: int = 8
@@ -54,6 +64,8 @@ class DistillArgs:
     eval_batches: int = 4
     threads: int = 1
     seed: int = 0
+    resume: bool = False  # go on from the out folder's state.pt
+    patience: int = 0  # > 0: stop after this many evaluations without improvement
 
 
 def build_spec(a: DistillArgs, cfg) -> DrafterSpec:
@@ -80,8 +92,9 @@ def build_spec(a: DistillArgs, cfg) -> DrafterSpec:
     )
 
 
-def batch_loss(target, plan, ids, P, labels: str, gen) -> dict:
-    """Cross-entropy of the drafter on one batch, toward the target's commitment."""
+def batch_loss(target, plan, ids, P, labels: str, gen, cf: float = 0.0) -> dict:
+    """Cross-entropy of the drafter on one batch, toward the target's commitment,
+    plus `cf` times its certainty-forcing term (entropy where it is right)."""
     C, V = target.config.canvas_length, target.config.vocab_size
     clean = ids[:, P:]
     with torch.no_grad():
@@ -99,21 +112,76 @@ def batch_loss(target, plan, ids, P, labels: str, gen) -> dict:
     logits = T.decoder_pass(target, noisy, prefixes, P, sc, plan)
     ce = F.cross_entropy(logits.flatten(0, 1), goal.flatten())
     acc = (logits.argmax(-1) == goal).float().mean()
-    return {"loss": ce, "acc": acc}
+    # at a temperature of the sampler's range, where the drafter's entropy bound acts
+    sure = T.certainty(logits, goal, T.Objective.cf_temp)
+    return {"loss": ce + cf * sure, "ce": ce, "acc": acc, "entropy": sure}
 
 
 @torch.no_grad()
 def evaluate(target, plan, windows, a: DistillArgs) -> dict:
     """Mean drafter CE/accuracy on fixed held-out windows and noise."""
     rng, gen = np.random.default_rng(1), torch.Generator().manual_seed(1)
-    C, sums = target.config.canvas_length, {"loss": 0.0, "acc": 0.0}
-    batches, labels = a.eval_batches, a.labels
+    C, batches = target.config.canvas_length, a.eval_batches
+    sums = {"loss": 0.0, "acc": 0.0, "entropy": 0.0}
     for _ in range(batches):
         ids, P = T.draw_batch(windows, rng, a.batch, C)
-        out = batch_loss(target, plan, ids, P, labels, gen)
+        # "loss" is the plain cross-entropy: comparable across certainty weights
+        out = batch_loss(target, plan, ids, P, a.labels, gen)
         for k in sums:
             sums[k] += float(out[k]) / batches
     return sums
+
+
+@dataclass
+class _Run:
+    """What a resumed run continues: the counters and the random streams."""
+
+    step: int = 0
+    elapsed: float = 0.0
+    best: float = math.inf
+    stale: int = 0  # evaluations since the best held-out loss
+    log: list = dataclasses.field(default_factory=list)
+    start: dict = dataclasses.field(default_factory=dict)
+
+
+def lr_at(a: DistillArgs, run: _Run) -> float:
+    """Warmup, then a cosine from lr to lr/10 over the steps or the minutes,
+    whichever is further along."""
+    frac = run.step / max(1, a.steps)
+    if a.minutes:
+        frac = max(frac, run.elapsed / (60 * a.minutes))
+    warm = min(1.0, (run.step + 1) / a.warmup)
+    return a.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _save_state(out: Path, adapter, opt, run: _Run, rng, gen) -> None:
+    blob = {
+        "adapter": adapter.state_dict(),
+        "opt": opt.state_dict(),
+        "run": dataclasses.asdict(run),
+        "rng": rng.bit_generator.state,
+        "gen": gen.get_state(),
+    }
+    torch.save(blob, out / "state.tmp")
+    (out / "state.tmp").replace(out / "state.pt")  # never a half-written state
+
+
+def _resume(out: Path, adapter, opt, rng, gen) -> _Run:
+    path = out / "state.pt"
+    if not path.exists():
+        raise ValueError(f"--resume: {path} does not exist")
+    blob = torch.load(path, weights_only=False)
+    adapter.load_state_dict(blob["adapter"])
+    opt.load_state_dict(blob["opt"])
+    rng.bit_generator.state = blob["rng"]
+    gen.set_state(blob["gen"])
+    return _Run(**blob["run"])
+
+
+def _record(out: Path, a: DistillArgs, folder: Path, run: _Run) -> None:
+    meta = {"args": dataclasses.asdict(a), "target": str(folder), "start": run.start}
+    meta |= {"steps": run.step, "elapsed_s": run.elapsed, "log": run.log}
+    (out / "distill.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def distill(a: DistillArgs) -> Path:
@@ -135,53 +203,64 @@ def distill(a: DistillArgs) -> Path:
     held_w = T.Windows(T.load_stream(a.data, "heldout"), a.seq_len)
     opt = torch.optim.AdamW(adapter.parameters(), lr=a.lr, betas=(0.9, 0.95))
     rng, gen = np.random.default_rng(a.seed), torch.Generator().manual_seed(a.seed)
-    C, out, best, log = target.config.canvas_length, Path(a.out), math.inf, []
-    start = evaluate(target, plan, held_w, a)
-    print(f"step 0: held-out {start}", flush=True)
-    elapsed, step = 0.0, 0
-    while step < a.steps and not (a.minutes and elapsed > 60 * a.minutes):
-        t0 = time.time()
-        frac = min(1.0, step / max(1, a.steps))
-        lr = (
-            a.lr
-            * min(1.0, (step + 1) / a.warmup)
-            * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        )
-        for g in opt.param_groups:
-            g["lr"] = lr
-        ids, P = T.draw_batch(train_w, rng, a.batch, C)
-        losses = batch_loss(target, plan, ids, P, a.labels, gen)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-        opt.step()
-        step, elapsed = step + 1, elapsed + time.time() - t0
-        if step % a.eval_every == 0 or step == a.steps:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.resume:
+        run = _resume(out, adapter, opt, rng, gen)
+        print(f"resumed at step {run.step} ({run.elapsed:.0f} s)", flush=True)
+    else:
+        start = evaluate(target, plan, held_w, a)
+        run = _Run(best=start["loss"], start=start)
+        print(f"step 0: held-out {run.start}", flush=True)
+    while _going(a, run):
+        _train_step(target, plan, opt, (train_w, rng, gen), a, run)
+        if run.step % a.eval_every == 0 or run.step == a.steps:
             held = evaluate(target, plan, held_w, a)
-            log.append({"step": step, "elapsed_s": elapsed, **held})
-            train_loss = float(losses["loss"].detach())
-            print(f"step {step}: train {train_loss:.3f} held-out {held}", flush=True)
-            if held["loss"] < best:
-                best = held["loss"]
+            run.log.append({"step": run.step, "elapsed_s": run.elapsed, **held})
+            print(f"step {run.step}: held-out {held}", flush=True)
+            improved = held["loss"] < run.best - 1e-4
+            run.best, run.stale = (
+                min(run.best, held["loss"]),
+                0 if improved else run.stale + 1,
+            )
+            if improved:
                 save(out, spec, adapter.to_numpy())
+            _save_state(out, adapter, opt, run, rng, gen)
+            _record(out, a, folder, run)
     if not (out / "drafter.safetensors").exists():
         save(out, spec, adapter.to_numpy())
-    meta = {
-        "args": dataclasses.asdict(a),
-        "target": str(folder),
-        "start": start,
-        "log": log,
-    }
-    (out / "distill.json").write_text(json.dumps(meta, indent=1) + "\n")
+    _record(out, a, folder, run)
     return out
+
+
+def _going(a: DistillArgs, run: _Run) -> bool:
+    if run.step >= a.steps or (a.minutes and run.elapsed > 60 * a.minutes):
+        return False
+    return not (a.patience and run.stale >= a.patience)  # a plateau
+
+
+def _train_step(target, plan, opt, draws, a: DistillArgs, run: _Run) -> None:
+    windows, rng, gen = draws
+    t0 = time.time()
+    for g in opt.param_groups:
+        g["lr"] = lr_at(a, run)
+    ids, P = T.draw_batch(windows, rng, a.batch, target.config.canvas_length)
+    losses = batch_loss(target, plan, ids, P, a.labels, gen, a.certainty)
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
+    opt.step()
+    run.step, run.elapsed = run.step + 1, run.elapsed + time.time() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m drafter.distill", description=__doc__)
     for f in dataclasses.fields(DistillArgs):
-        ap.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), default=f.default
-        )
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            ap.add_argument(flag, action="store_true")
+        else:
+            ap.add_argument(flag, type=type(f.default), default=f.default)
     a = DistillArgs(**vars(ap.parse_args(argv)))
     try:
         distill(a)

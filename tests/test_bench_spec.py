@@ -21,7 +21,8 @@ RELEASED = load_preset("diffusiongemma-26b-a4b")
 
 # A short spec run: 2 held-out prompts, one 64-token canvas, at most 4 target passes.
 SPEC_ARGS = [
-    "spec", "--drafter", "self", "--drafter", "target", "--prompts", "2",
+    "spec", "--drafter", "self", "--drafter", "target", "--drafter", "default",
+    "--prompts", "2",
     "--max-tokens", "64", "--repeats", "1", "--warmup", "0",
     "--max-denoising-steps", "4", "--spec-draft-steps", "2",
 ]  # fmt: skip
@@ -47,7 +48,7 @@ def spec_records(tmp_path_factory):
 
 def test_spec_writes_one_record_per_drafter(spec_records):
     out, paths = spec_records
-    assert set(paths) == {"self", "target"}
+    assert set(paths) == {"self", "target", "default"}
     assert paths["self"].name.endswith("-self.json")
     assert paths["target"].name.endswith("-target.json")
     for name, path in paths.items():
@@ -61,7 +62,8 @@ def test_spec_writes_one_record_per_drafter(spec_records):
         settings = rec["settings"]
         assert settings["prompts"] == 2 and settings["max_tokens"] == 64
         assert "held-out" in settings["prompt_source"] and settings["batch"] == 1
-        assert rec["drafter"]["name"] == name and rec["drafter"]["kind"] == "self"
+        kind = "trained" if name == "default" else "self"
+        assert rec["drafter"]["name"] == name and rec["drafter"]["kind"] == kind
         nat, spec = rec["native"], rec["speculative"]
         for entry in (nat, spec):
             tp = entry["target_passes_per_canvas"]
@@ -128,13 +130,29 @@ def test_spec_writes_one_record_per_drafter(spec_records):
     assert self_rec["cost"]["released"]["flops_ratio"] < 1
     # the native baseline is measured once and shared by every drafter's record
     assert self_rec["native"] == target["native"]
+    # the measured passes at their bytes: the target as its own drafter costs a
+    # pass per drafter pass; the hidden verify a bit more than a plain pass
+    bytes_t = target["byte_regimes"]["h200-bf16"]
+    v = s["verify_rounds_per_canvas"]["mean"]
+    assert bytes_t["drafter_pass_ratio"] == pytest.approx(1.0)
+    assert bytes_t["spec_pass_equivalents"] == pytest.approx(
+        s_tp - v + v * bytes_t["verify_pass_ratio"] + d_tp
+    )
+    # the trained drafter: its own layers are costed, here and at release width
+    trained = json.loads(paths["default"].read_text())
+    assert trained["drafter"]["kind"] == "trained"
+    for where in ("this_model", "released"):
+        assert trained["cost"][where]["drafter"]["flops_by_part"]["adapter"] > 0
+    assert trained["cost"]["released"]["adapter"]["hidden_size"] == 2816
+    assert trained["cost"]["released"]["bytes_ratio"] < 0.15
+    assert "released_plan" in trained["projection"]["drafter_plan_source"]
 
 
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both backends")
 def test_spec_on_the_other_backend(tmp_path, capsys):
     recs, last = _spec(tmp_path, BACKENDS[1], capsys)
-    assert [r["drafter"]["name"] for r in recs] == ["self", "target"]
-    assert [x["drafter"] for x in last["records"]] == ["self", "target"]
+    assert [r["drafter"]["name"] for r in recs] == ["default", "self", "target"]
+    assert [x["drafter"] for x in last["records"]] == ["self", "target", "default"]
     assert all(r["backend"] == BACKENDS[1] for r in recs)
 
 
@@ -313,8 +331,8 @@ def test_report_renders_the_speculative_section(spec_records, tmp_path):
     out, paths = spec_records
     src = tmp_path / "records"
     src.mkdir()
-    for p in paths.values():
-        (src / p.name).write_text(p.read_text())
+    for name in ("self", "target"):
+        (src / paths[name].name).write_text(paths[name].read_text())
     argv = ["spec-cost", "--backend", BACKENDS[0], "--preset", "tiny"]
     argv += ["--context", "12", "--steps", "4", "--repeats", "1", "--warmup", "0"]
     argv += ["--checkpoint-dir", str(tmp_path / "ck"), "--out", str(src)]
@@ -338,6 +356,10 @@ def test_report_renders_the_speculative_section(spec_records, tmp_path):
         here = json.loads(paths[name].read_text())["cost"]["this_model"]
         cell = f"| {here['speedup_at_flops_ratio']:.2f} ({here['flops_ratio']:.2f}) |"
         assert cell in row
+        # where bytes bind: the pass-equivalents of both regimes, native / spec
+        mac = json.loads(paths[name].read_text())["byte_regimes"]["mac-4bit"]
+        cell = f"| {mac['native_pass_equivalents']:.1f} / "
+        assert cell + f"{mac['spec_pass_equivalents']:.1f} (x" in row
     (cost_row,) = report.spec_cost_table(records).splitlines()[2:]
     assert "| tiny |" in cost_row and "| 12 | self |" in cost_row
     auto = SelfDraftPlan.auto(RELEASED)

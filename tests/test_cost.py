@@ -311,3 +311,83 @@ def test_pass_speedup_charges_drafter_passes_at_their_cost():
     assert pass_speedup(24.0, 2.0, 16.0, 0.0) == pytest.approx(12.0)
     # the target drafting for itself gains only the passes it saves in total
     assert pass_speedup(20.0, 2.0, 18.0, 1.0) == pytest.approx(1.0)
+
+
+# -- trained drafters: their own layers, the released design, the byte regimes ----
+
+
+def _adapter(**kw):
+    from drafter.trained import AdapterConfig
+
+    return AdapterConfig(
+        **{"hidden_size": 2816, "num_heads": 16, "head_dim": 256}, **kw
+    )
+
+
+def test_a_trained_drafters_own_layers_are_counted(cfg):
+    """Each own layer: q, k, v, o and a gated MLP, and attention over the canvas."""
+    from mlx_diffgem.core.plan import PassPlan
+
+    plain = decoder_cost(cfg, 512, plan=PassPlan(layers=(0,)))
+    a = _adapter(num_layers=2, intermediate_size=2112)
+    own = decoder_cost(cfg, 512, plan=PassPlan(layers=(0,), adapter=a))
+    assert "adapter" not in plain.flops and "adapter" not in plain.bytes
+    T, H, inner, I = 256, 2816, 16 * 256, 2112
+    matmul = 2 * T * (4 * H * inner + 3 * H * I)
+    attention = 4 * 16 * 256 * T * 256
+    assert own.flops["adapter"] == pytest.approx(2 * (matmul + attention))
+    assert own.bytes["adapter"] == pytest.approx(
+        2 * (2 * (4 * H * inner + 3 * H * I) + 4 * H)
+    )
+    assert own.total_bytes - plain.total_bytes == pytest.approx(own.bytes["adapter"])
+
+
+def test_a_trained_drafter_maps_onto_the_released_shape(cfg):
+    """Same layers and cuts, the head at the same vocabulary share, own layers at the
+    released width; a layer of another kind there is refused."""
+    from bench.drafter_cost import released_plan
+    from drafter.trained import AdapterConfig
+    from mlx_diffgem.core.config import ModelConfig
+    from mlx_diffgem.core.plan import PassPlan
+    from mlx_diffgem.core.tiny import tiny_config_dict
+
+    raw = tiny_config_dict()["text_config"]
+    raw["num_hidden_layers"], raw["vocab_size"] = 6, 4096
+    raw["layer_types"] = ["sliding_attention"] * 5 + ["full_attention"]
+    src = ModelConfig.from_dict(raw)
+    small = AdapterConfig(hidden_size=raw["hidden_size"], num_layers=2, num_heads=2)
+    plan = PassPlan(
+        layers=(0, 1, 5), top_k=1, sc_top_k=32, head_vocab=1024, adapter=small
+    )
+    there = released_plan(plan, src, cfg)
+    assert there.layers == (0, 1, 5) and there.top_k == 1 and there.sc_top_k == 32
+    assert there.head_vocab == cfg.vocab_size // 4
+    assert (there.adapter.hidden_size, there.adapter.num_layers) == (2816, 2)
+    assert there.adapter.intermediate_size == cfg.intermediate_size
+    raw["layer_types"] = ["sliding_attention"] * 4 + ["full_attention"] * 2
+    other = ModelConfig.from_dict(raw)
+    with pytest.raises(ValueError, match=r"layers \[4\]: no layer of the same kind"):
+        released_plan(PassPlan(layers=(0, 4), adapter=small), other, cfg)
+
+
+def test_byte_regimes_charge_each_pass_its_bytes(cfg):
+    """Native passes at a target pass each; a hidden verify (2C slots) costs a bit
+    more than one pass where weights dominate; drafter passes at their byte share."""
+    from bench.drafter_cost import byte_regime
+    from mlx_diffgem.core.plan import PassPlan
+
+    plan = PassPlan(layers=(0, 5), sc_top_k=32, head_vocab=65536)
+    same = {"native_target": 20.0, "spec_target": 20.0, "verifies": 0.0, "drafter": 0}
+    r = byte_regime(cfg, plan, same)
+    assert r["mac-4bit"]["native_over_spec"] == pytest.approx(1.0)
+    passes = {"native_target": 20.0, "spec_target": 3.0, "verifies": 2.0, "drafter": 10}
+    r = byte_regime(cfg, plan, passes)
+    for regime in ("mac-4bit", "h200-bf16"):
+        d = r[regime]
+        assert 1.0 < d["verify_pass_ratio"] < 1.2
+        assert 0.0 < d["drafter_pass_ratio"] < 0.15
+        want = 1 + 2 * d["verify_pass_ratio"] + 10 * d["drafter_pass_ratio"]
+        assert d["spec_pass_equivalents"] == pytest.approx(want)
+        assert d["native_over_spec"] == pytest.approx(20 / want)
+    plain = byte_regime(cfg, plan, passes, hidden=False)
+    assert plain["h200-bf16"]["verify_pass_ratio"] == pytest.approx(1.0)

@@ -179,6 +179,58 @@ def test_distill_lowers_the_drafter_loss(tmp_path):
     assert described["folder"] == str(out)
 
 
+@needs_torch
+def test_distill_resumes_where_it_stopped_and_stops_on_a_plateau(tmp_path, monkeypatch):
+    """A run stopped after three steps and resumed from state.pt ends on the same
+    weights as six steps in one go; certainty forcing adds its entropy term; a run whose
+    held-out loss cannot improve stops after `patience` evaluations."""
+    import torch
+
+    from drafter import distill as D
+    from drafter.distill import DistillArgs, distill
+
+    data = _tiny_corpus(tmp_path / "corpus")
+    kw = dict(data=str(data), layers="0,5", eval_every=3, eval_batches=1, batch=2)
+    kw |= dict(seq_len=256, warmup=2, certainty=0.5)
+
+    straight = distill(DistillArgs(out=str(tmp_path / "a"), steps=6, **kw))
+    going = D._going
+    with monkeypatch.context() as m:  # interrupted after its third step
+        m.setattr(D, "_going", lambda a, run: run.step < 3)
+        distill(DistillArgs(out=str(tmp_path / "b"), steps=6, **kw))
+    assert D._going is going
+    resumed = distill(DistillArgs(out=str(tmp_path / "b"), steps=6, resume=True, **kw))
+    a = torch.load(straight / "state.pt", weights_only=False)["adapter"]
+    b = torch.load(resumed / "state.pt", weights_only=False)["adapter"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    meta = json.loads((resumed / "distill.json").read_text())
+    assert [e["step"] for e in meta["log"]] == [3, 6] and meta["steps"] == 6
+    # lr 0: the loss never improves, so two evaluations end the run
+    flat = DistillArgs(out=str(tmp_path / "c"), steps=60, lr=0.0, patience=2, **kw)
+    meta = json.loads((distill(flat) / "distill.json").read_text())
+    assert meta["steps"] == 6
+
+
+@needs_torch
+def test_certainty_forcing_adds_the_entropy_of_right_predictions():
+    import torch
+
+    from cuda_backend import train as T
+    from drafter import distill
+
+    target = T.build_model(T.model_config_dict("tiny", vocab_size=64, canvas_length=8))
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    plan = SelfDraftPlan(layers=(0,))
+    out = [
+        distill.batch_loss(target, plan, ids, 16, "target", torch.Generator(), cf)
+        for cf in (0.0, 2.0)
+    ]
+    assert out[0]["entropy"] > 0
+    torch.testing.assert_close(out[1]["loss"], out[0]["ce"] + 2.0 * out[0]["entropy"])
+
+
 def _tiny_corpus(folder):
     """A few stdlib files in the embedded model's tokenizer: two train, one held out."""
     from tokenizers import Tokenizer

@@ -137,6 +137,7 @@ def _counts(res: Any) -> dict:
     return {
         "steps": res.steps,
         "drafter_steps": res.drafter_steps,
+        "first_draft_steps": res.first_draft_steps,
         "verify_rounds": res.verify_rounds,
         # None: a hidden verify committed the whole canvas, no pass of the target's
         # own ran on it
@@ -243,6 +244,10 @@ def _spec_entry(runs: list[SpecRun], entropies: list, repeats: int) -> dict:
         "canvases": len(counts),
         "target_passes_per_canvas": _per_canvas([c["steps"] for c in counts]),
         "drafter_passes_per_canvas": _per_canvas([c["drafter_steps"] for c in counts]),
+        # the drafter's passes to its first draft (its own stop rule or draft_steps)
+        "first_draft_passes_per_canvas": _per_canvas(
+            [c["first_draft_steps"] for c in counts]
+        ),
         "verify_rounds_per_canvas": _per_canvas([c["verify_rounds"] for c in counts]),
         "draft_kept_share": round(
             sum(st.drafted_kept for st in stats) / drafted if drafted else 0.0, 4

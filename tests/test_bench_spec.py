@@ -81,6 +81,11 @@ def test_spec_writes_one_record_per_drafter(spec_records):
         assert nat["verify_rounds_per_canvas"]["mean"] == 0
         assert 1 <= spec["drafter_passes_per_canvas"]["mean"]
         assert 1 <= spec["verify_rounds_per_canvas"]["mean"]
+        # the first draft: at most --spec-draft-steps passes, part of the drafter's
+        first = spec["first_draft_passes_per_canvas"]
+        assert 1 <= first["min"] and first["max"] <= 2
+        assert first["mean"] <= spec["drafter_passes_per_canvas"]["mean"]
+        assert nat["first_draft_passes_per_canvas"]["max"] == 0
         assert 0 <= spec["draft_kept_share"] <= 1
         r = rec["ratios"]
         assert r["tokens_per_s_spec_over_native"] == pytest.approx(

@@ -118,6 +118,7 @@ class CanvasResult:
     step_stats: dict[str, np.ndarray] = field(default_factory=dict)  # per-step arrays
     done: np.ndarray | None = None  # [B] rows whose stop rule held (None: not read)
     drafter_steps: int = 0  # speculative decoding: drafter passes on this canvas
+    first_draft_steps: int = 0  # of those, the passes before the first verify
     verify_rounds: int = 0  # target passes that checked a drafted canvas
     drafted: int = 0  # tokens the first draft proposed (live rows; holes if infill)
     drafted_kept: int = 0  # of those, the ones the commit kept

@@ -179,6 +179,7 @@ class _Canvas:
     noise: NoiseSource
     views: bool
     drafter_steps: int = 0
+    first_draft_steps: int = 0  # the drafter's passes to its first draft
     target_steps: int = 0
     rounds: int = 0
     stats: list = field(default_factory=list)
@@ -190,6 +191,7 @@ class _Canvas:
             return (yield from self.run_hidden(state))
         # 1. draft (the drafter's stop flags are its own: the target starts unstopped)
         draft = yield from self._draft(state, spec.draft_steps)
+        self.first_draft_steps = self.drafter_steps
         cur, done = draft.state, state.done
         passes = np.zeros(self.cache.batch_size, np.int64)
         while True:
@@ -231,6 +233,7 @@ class _Canvas:
     def run_hidden(self, state: CanvasState):
         """The hidden-token verify's rounds (module docstring), then the finish."""
         draft = yield from self._draft(state, self.spec.draft_steps)
+        self.first_draft_steps = self.drafter_steps
         first = draft.tokens
         live = ~_finished(state, first.shape[0])
         pins = np.where(live[:, None], _pins(state, first.shape), first)
@@ -316,6 +319,7 @@ class _Canvas:
             else {},
             done=res.done,
             drafter_steps=self.drafter_steps,
+            first_draft_steps=self.first_draft_steps,
             verify_rounds=self.rounds,
             drafted=int(judged.sum()),
             drafted_kept=int(((first == res.tokens) & judged).sum()),

@@ -54,6 +54,7 @@ class DistillArgs:
     head_vocab: int = 0  # LM head rows at inference (0: whole vocabulary)
     labels: str = "target"
     certainty: float = 0.0  # weight of the entropy on correct positions
+    cf_temp: float = 0.6  # the temperature that entropy is taken at
     steps: int = 400
     minutes: float = 0.0  # > 0: stop after this much training time
     batch: int = 8
@@ -92,9 +93,10 @@ def build_spec(a: DistillArgs, cfg) -> DrafterSpec:
     )
 
 
-def batch_loss(target, plan, ids, P, labels: str, gen, cf: float = 0.0) -> dict:
+def batch_loss(target, plan, ids, P, labels: str, gen, cf=0.0, temp=0.6) -> dict:
     """Cross-entropy of the drafter on one batch, toward the target's commitment,
-    plus `cf` times its certainty-forcing term (entropy where it is right)."""
+    plus `cf` times its certainty-forcing term (entropy where it is right, at
+    temperature `temp`)."""
     C, V = target.config.canvas_length, target.config.vocab_size
     clean = ids[:, P:]
     with torch.no_grad():
@@ -112,21 +114,20 @@ def batch_loss(target, plan, ids, P, labels: str, gen, cf: float = 0.0) -> dict:
     logits = T.decoder_pass(target, noisy, prefixes, P, sc, plan)
     ce = F.cross_entropy(logits.flatten(0, 1), goal.flatten())
     acc = (logits.argmax(-1) == goal).float().mean()
-    # at a temperature of the sampler's range, where the drafter's entropy bound acts
-    sure = T.certainty(logits, goal, T.Objective.cf_temp)
+    sure = T.certainty(logits, goal, temp)
     return {"loss": ce + cf * sure, "ce": ce, "acc": acc, "entropy": sure}
 
 
 @torch.no_grad()
 def evaluate(target, plan, windows, a: DistillArgs) -> dict:
-    """Mean drafter CE/accuracy on fixed held-out windows and noise."""
+    """Mean drafter objective ("loss"), cross-entropy, accuracy and entropy on
+    fixed held-out windows and noise."""
     rng, gen = np.random.default_rng(1), torch.Generator().manual_seed(1)
     C, batches = target.config.canvas_length, a.eval_batches
-    sums = {"loss": 0.0, "acc": 0.0, "entropy": 0.0}
+    sums = {"loss": 0.0, "ce": 0.0, "acc": 0.0, "entropy": 0.0}
     for _ in range(batches):
         ids, P = T.draw_batch(windows, rng, a.batch, C)
-        # "loss" is the plain cross-entropy: comparable across certainty weights
-        out = batch_loss(target, plan, ids, P, a.labels, gen)
+        out = batch_loss(target, plan, ids, P, a.labels, gen, a.certainty, a.cf_temp)
         for k in sums:
             sums[k] += float(out[k]) / batches
     return sums
@@ -140,6 +141,7 @@ class _Run:
     elapsed: float = 0.0
     best: float = math.inf
     stale: int = 0  # evaluations since the best held-out loss
+    objective: tuple = ()  # (certainty, cf_temp) that `best` was measured with
     log: list = dataclasses.field(default_factory=list)
     start: dict = dataclasses.field(default_factory=dict)
 
@@ -208,10 +210,14 @@ def distill(a: DistillArgs) -> Path:
     if a.resume:
         run = _resume(out, adapter, opt, rng, gen)
         print(f"resumed at step {run.step} ({run.elapsed:.0f} s)", flush=True)
+        if tuple(run.objective) != (a.certainty, a.cf_temp):
+            # another objective: its losses do not compare with the best so far
+            run.best, run.stale = math.inf, 0
     else:
         start = evaluate(target, plan, held_w, a)
         run = _Run(best=start["loss"], start=start)
         print(f"step 0: held-out {run.start}", flush=True)
+    run.objective = (a.certainty, a.cf_temp)
     while _going(a, run):
         _train_step(target, plan, opt, (train_w, rng, gen), a, run)
         if run.step % a.eval_every == 0 or run.step == a.steps:
@@ -245,7 +251,7 @@ def _train_step(target, plan, opt, draws, a: DistillArgs, run: _Run) -> None:
     for g in opt.param_groups:
         g["lr"] = lr_at(a, run)
     ids, P = T.draw_batch(windows, rng, a.batch, target.config.canvas_length)
-    losses = batch_loss(target, plan, ids, P, a.labels, gen, a.certainty)
+    losses = batch_loss(target, plan, ids, P, a.labels, gen, a.certainty, a.cf_temp)
     opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
     torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)

@@ -169,7 +169,10 @@ def test_peers_one_implementation_per_process(tmp_path):
         r["_file"] = "x.json"
     lines = report.peers_table(recs).splitlines()
     (line,) = [x for x in lines if "(one per process)" in x]
-    assert f"| {ms['mlx_diffgem[torch]'] / ms['transformers']:.3f} |" in line
+    # the table's ratio comes from its rounded medians: within a unit of the last digit
+    cells = [c.strip() for c in line.split("|")]
+    ratio = ms["mlx_diffgem[torch]"] / ms["transformers"]
+    assert any(_close(c, ratio) for c in cells), line
     assert report.peers_table(recs[:1]).count("\n") == 1  # alone: no row yet
 
 
@@ -445,3 +448,10 @@ def test_device_check_script_on_cpu(tmp_path):
     assert any(
         line.startswith("| peers mlx_diffgem[torch]/transformers") for line in table
     )
+
+
+def _close(cell: str, value: float) -> bool:
+    try:
+        return abs(float(cell) - value) <= 1.5e-3
+    except ValueError:
+        return False

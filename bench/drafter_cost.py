@@ -103,15 +103,7 @@ def released_plan(plan: Any, source: ModelConfig, cfg: ModelConfig) -> Any:
     if head is not None:
         head = max(1, round(cfg.vocab_size * head / source.vocab_size))
     own = getattr(plan.adapter, "config", plan.adapter)
-    adapter = None
-    if own is not None:
-        adapter = AdapterConfig(
-            hidden_size=cfg.hidden_size,
-            num_layers=own.num_layers,
-            num_heads=cfg.num_attention_heads,
-            head_dim=cfg.head_dim,
-            intermediate_size=cfg.intermediate_size,
-        )
+    adapter = None if own is None else AdapterConfig.at_width_of(cfg, own.num_layers)
     return PassPlan(
         layers=layers,
         top_k=None if plan.top_k is None else min(plan.top_k, cfg.num_experts),
@@ -136,26 +128,21 @@ def byte_regime(
     bytes from the cost model: the same weights, twice the sampler and canvas rows);
     the others are plain target passes. Model pass-equivalents = bytes / one target
     pass's bytes."""
-    C = cfg.canvas_length
+    canvas = cfg.canvas_length * (2 if hidden else 1)
+    plain, native = passes["spec_target"] - passes["verifies"], passes["native_target"]
     out = {}
     for name, quant in BYTE_REGIMES.items():
         step = decoder_cost(cfg, context, quant=quant).total_bytes
-        verify = decoder_cost(cfg, context, canvas=2 * C if hidden else C, quant=quant)
+        verify = decoder_cost(cfg, context, canvas=canvas, quant=quant).total_bytes
         draft = decoder_cost(cfg, context, quant=quant, plan=plan).total_bytes
-        target_plain = passes["spec_target"] - passes["verifies"]
-        spec = (
-            target_plain * step
-            + passes["verifies"] * verify.total_bytes
-            + passes["drafter"] * draft
-        )
-        native = passes["native_target"] * step
+        spec = plain * step + passes["verifies"] * verify + passes["drafter"] * draft
         out[name] = {
             "quant": quant,
             "target_pass_gb": step / 1e9,
-            "verify_pass_ratio": verify.total_bytes / step,
+            "verify_pass_ratio": verify / step,
             "drafter_pass_ratio": draft / step,
-            "native_pass_equivalents": native / step,
+            "native_pass_equivalents": native,
             "spec_pass_equivalents": spec / step,
-            "native_over_spec": native / spec if spec else None,
+            "native_over_spec": native * step / spec if spec else None,
         }
     return {"context": context, "hidden_verify": hidden, "passes": passes, **out}

@@ -335,9 +335,8 @@ class _Cuts:
     top_k: int | None  # experts per token (None: the config's)
     head: int  # LM head rows: the vocabulary, or the plan's head_vocab
     soft_k: int | None  # soft-embedding rows per token (None: the whole table)
-    adapter: Any = (
-        None  # a trained drafter's own layers (drafter.trained.AdapterConfig)
-    )
+    # a trained drafter's own layers (drafter.trained.AdapterConfig)
+    adapter: Any = None
 
 
 def _cuts(cfg: ModelConfig, plan: Any) -> _Cuts:

@@ -76,17 +76,9 @@ def build_spec(a: DistillArgs, cfg) -> DrafterSpec:
         raise ValueError(
             f"--layers {a.layers!r}: expected integers like 0,1,5"
         ) from None
-    adapter = AdapterConfig(
-        hidden_size=cfg.hidden_size,
-        num_layers=a.adapter_layers,
-        num_heads=cfg.num_attention_heads,
-        head_dim=cfg.head_dim,
-        intermediate_size=cfg.intermediate_size,
-        rms_norm_eps=cfg.rms_norm_eps,
-    )
     return DrafterSpec(
         target_layers=layers,
-        adapter=adapter,
+        adapter=AdapterConfig.at_width_of(cfg, a.adapter_layers),
         top_k=a.top_k or None,
         sc_top_k=a.sc_top_k or None,
         head_vocab=a.head_vocab or None,

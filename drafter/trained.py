@@ -52,6 +52,20 @@ class AdapterConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
 
+    @classmethod
+    def at_width_of(cls, config: Any, num_layers: int) -> AdapterConfig:
+        """`num_layers` own layers at a model's width: its hidden size, attention
+        heads and dense MLP (what distill trains, and what the cost model lays out
+        on the released shape)."""
+        return cls(
+            hidden_size=config.hidden_size,
+            num_layers=num_layers,
+            num_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            intermediate_size=config.intermediate_size,
+            rms_norm_eps=config.rms_norm_eps,
+        )
+
     def inv_freq(self) -> list[float]:
         D = self.head_dim
         return [self.rope_theta ** (-i / D) for i in range(0, D, 2)]

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlx_diffgem.cli.options import threshold
+
 SUITES = ("step", "prefill", "generate", "peers", "spec", "spec-cost", "hygiene")
 SPEC_SUITES = ("spec", "spec-cost")
 DEFAULT_REPEATS = {"spec": 3}  # others: 5
@@ -159,7 +161,10 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--spec-verify-groups", type=int, default=None, help="SpecPolicy")
     p.add_argument(
-        "--spec-accept-threshold", type=float, default=None, help="SpecPolicy"
+        "--spec-accept-threshold",
+        type=threshold,
+        default=None,
+        help="SpecPolicy: a number or 'ratio'",
     )
     p.add_argument("--spec-verify-sure", type=float, default=None, help="SpecPolicy")
 

@@ -80,7 +80,9 @@ def spec_prompts(n: int, seed: int) -> list[tuple[str, str]]:
     return function_prompts(corpus.read_texts(root, held), n, seed)
 
 
-def spec_policy(args: argparse.Namespace) -> Any:
+def spec_policy(args: argparse.Namespace, defaults: dict | None = None) -> Any:
+    """The SpecPolicy of the --spec-* flags given, over a trained drafter's
+    recommended `defaults` (what a user of dg.load gets)."""
     from mlx_diffgem.core.speculative import SpecPolicy
 
     given = {
@@ -95,7 +97,8 @@ def spec_policy(args: argparse.Namespace) -> Any:
         "accept_threshold": args.spec_accept_threshold,
         "verify_sure": args.spec_verify_sure,
     }
-    return SpecPolicy(**{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    return SpecPolicy(**{**(defaults or {}), **given})
 
 
 def _spec_load(args: argparse.Namespace) -> tuple[Any, Any, Path]:
@@ -362,13 +365,13 @@ def _spec_cost(
 def spec(args: argparse.Namespace) -> list[dict]:
     """Native decoding and speculative decoding with each drafter, interleaved in one
     process on the held-out function prompts; one record per drafter."""
-    from drafter import load_drafter
+    from drafter import load_drafter, recommended
     from mlx_diffgem.core.speculative import SpeculativeModel
 
     target, tokenizer, path = _spec_load(args)
-    policy = spec_policy(args)
     impls: dict[str, Any] = {"native": target}
     for name in args.drafter:
+        policy = spec_policy(args, recommended(target, name))
         impls[name] = SpeculativeModel(target, load_drafter(target, name), policy)
     prompts = spec_prompts(args.prompts, args.seed)
     if not prompts:
@@ -395,7 +398,7 @@ def spec(args: argparse.Namespace) -> list[dict]:
             compile=None,
             model=model_entry,
             drafter=_drafter_info(name, impls[name]),
-            spec_policy=dataclass_dict(policy),
+            spec_policy=dataclass_dict(impls[name].spec),
             settings=_spec_settings(args, prompts, ids),
             native=native,
             speculative=entry,

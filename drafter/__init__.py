@@ -24,15 +24,38 @@ def load_drafter(target: Any, spec: str) -> Any:
 def drafter_plan(target: Any, spec: str) -> Any:
     """The PassPlan that a `drafter=` argument names for `target`."""
     from .plan import SelfDraftPlan
-    from .trained import CONFIG, trained_plan
+    from .trained import trained_plan
+
+    folder = trained_folder(target, spec)
+    if folder is not None:
+        return trained_plan(target, folder)
+    kind, _, settings = spec.partition(":")
+    if kind == "self":
+        return SelfDraftPlan.parse(settings, target.config)
+    return SelfDraftPlan().checked(target.config)  # "target"
+
+
+def recommended(target: Any, spec: str) -> dict:
+    """The SpecPolicy settings a trained drafter's config asks for ("speculative"
+    in drafter_config.json); {} for the others."""
+    from .trained import CONFIG, DrafterSpec
+
+    folder = trained_folder(target, spec)
+    if folder is None:
+        return {}
+    return dict(DrafterSpec.from_file(folder / CONFIG).speculative or {})
+
+
+def trained_folder(target: Any, spec: str) -> Path | None:
+    """The folder of the trained drafter a `drafter=` argument names; None for
+    "self..." and "target"; a ValueError for anything else."""
+    from .trained import CONFIG
 
     if not isinstance(spec, str):
         raise ValueError(f"drafter: expected a string, got {type(spec).__name__}")
     kind, _, settings = spec.partition(":")
-    if kind == "self":
-        return SelfDraftPlan.parse(settings, target.config)
-    if kind == "target" and not settings:
-        return SelfDraftPlan().checked(target.config)
+    if kind == "self" or (kind == "target" and not settings):
+        return None
     if kind == "default" and not settings:
         shipped = Path(target.path) / "drafter"
         if not (shipped / CONFIG).is_file():
@@ -40,9 +63,9 @@ def drafter_plan(target: Any, spec: str) -> Any:
                 f"drafter: 'default': no drafter is shipped for {target.path}; use "
                 "'self' (training-free)"
             )
-        return trained_plan(target, shipped)
+        return shipped
     if (Path(spec) / CONFIG).is_file():
-        return trained_plan(target, spec)
+        return Path(spec)
     if Path(spec).is_dir():
         raise ValueError(f"drafter: {spec}: a folder without {CONFIG}")
     raise ValueError(

@@ -133,6 +133,9 @@ class DrafterSpec:
     sc_top_k: int | None = None
     head_vocab: int | None = None
     target: dict | None = None
+    # SpecPolicy settings this drafter is meant to run with (what api.load uses
+    # where the caller gives none), e.g. {"draft_steps": 8}: None, none.
+    speculative: dict | None = None
 
     def plan(
         self, target_config: Any, adapter: Any = None, source: str | None = None
@@ -153,8 +156,9 @@ class DrafterSpec:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["target"] is None:
-            d.pop("target")
+        for key in ("target", "speculative"):
+            if d[key] is None:
+                d.pop(key)
         return {"kind": KIND, **d, "target_layers": list(self.target_layers)}
 
     @classmethod
@@ -185,8 +189,30 @@ class DrafterSpec:
             ),
             adapter=AdapterConfig.from_dict(raw.get("adapter"), path),
             target=raw.get("target"),
+            speculative=_speculative(raw.get("speculative"), path),
             **opts,
         )
+
+
+def _speculative(raw: Any, path: Path) -> dict | None:
+    """The config's "speculative" entry: None, or SpecPolicy fields it checks."""
+    from mlx_diffgem.core.speculative import SpecPolicy
+
+    if raw is None:
+        return None
+    fields = sorted(f.name for f in dataclasses.fields(SpecPolicy))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: speculative must be an object of {fields}")
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{path}: speculative: unknown option {unknown[0]!r}; expected {fields}"
+        )
+    try:
+        SpecPolicy(**raw)
+    except ValueError as e:
+        raise ConfigError(f"{path}: speculative: {e}") from None
+    return dict(raw)
 
 
 def _read_json(path: Path) -> dict:

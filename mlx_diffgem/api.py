@@ -48,7 +48,10 @@ def load(
             "target" (the target at full cost, a baseline), "default" (the drafter
             shipped with the model, if any), or a trained drafter's folder (refused
             when it was made for another model). None: native decoding.
-        speculative: a SpecPolicy or a dict of its fields; only with a drafter.
+        speculative: a SpecPolicy, or a dict of its fields that go over the
+            settings a trained drafter recommends (its drafter_config.json's
+            "speculative", e.g. draft_steps 8 for the shipped one); only with a
+            drafter.
             draft_steps, refine_steps, max_rounds: integers in [1, 10000] (default
             24, 2, 8); draft_confidence, draft_entropy_bound: finite numbers > 0 or
             None (the target's); verify_on: "argmax" or "canvas". numpy numbers
@@ -57,32 +60,38 @@ def load(
         quantization: quantize on load, e.g. {"bits": 4, "group_size": 64} or "mixed".
         **backend_options: e.g. device="cuda" for the torch backend.
     """
-    spec = _spec_policy(drafter, speculative)
+    _spec_policy(drafter, speculative)  # refused before anything loads
     path = default_model_path() if path is None else path
     opts = dict(path=path, quantization=quantization)
     module = get_backend(resolve_backend(backend, backend_options, **opts))
     model = module.load(path, dtype=dtype, quantization=quantization, **backend_options)
     if drafter is not None:
-        from drafter import load_drafter
+        from drafter import load_drafter, recommended
 
-        model = SpeculativeModel(model, load_drafter(model, drafter), spec)
+        draft = load_drafter(model, drafter)
+        spec = _spec_policy(drafter, speculative, recommended(model, drafter))
+        model = SpeculativeModel(model, draft, spec)
     return model, load_tokenizer(model.path)
 
 
-def _spec_policy(drafter: str | None, spec: SpecPolicy | dict | None) -> SpecPolicy:
+def _spec_policy(
+    drafter: str | None, spec: SpecPolicy | dict | None, defaults: dict | None = None
+) -> SpecPolicy:
+    """The SpecPolicy of `speculative=`: a SpecPolicy is taken as it is; a dict's
+    fields (or none) go over the drafter's recommended `defaults`."""
     if spec is not None and drafter is None:
         raise ValueError("speculative: only applies with a drafter (drafter=...)")
-    if spec is None or isinstance(spec, SpecPolicy):
-        return spec or SpecPolicy()
-    if not isinstance(spec, dict):
+    if isinstance(spec, SpecPolicy):
+        return spec
+    if spec is not None and not isinstance(spec, dict):
         raise ValueError("speculative: expected a SpecPolicy or a dict of its fields")
     fields = {f.name for f in dataclasses.fields(SpecPolicy)}
-    unknown = sorted(set(spec) - fields)
+    unknown = sorted(set(spec or {}) - fields)
     if unknown:
         raise ValueError(
             f"speculative: unknown option {unknown[0]!r}; expected {sorted(fields)}"
         )
-    return SpecPolicy(**spec)
+    return SpecPolicy(**{**(defaults or {}), **(spec or {})})
 
 
 def _prompt_ids(

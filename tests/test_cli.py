@@ -313,6 +313,8 @@ FAST_ERRORS = [
     (["serve", "--max-request-bytes", "-1"], "--max-request-bytes must be"),
     (["serve", "--drafter", "self", "--draft-steps", "0"], "draft_steps must be"),
     (["serve", "--max-rounds", "3"], "--max-rounds: only applies with --drafter"),
+    (["serve", "--drafter", "self", "--accept-threshold", "1.5"], "accept_threshold"),
+    (["serve", "--drafter", "self", "--accept-threshold", "rate"], "or 'ratio', got"),
     (["serve", "--model", "."], "not a model folder"),
 ]
 
@@ -389,12 +391,12 @@ def test_serve_help_shows_defaults_and_the_drafters():
     for default in ("8080", "127.0.0.1", "(default: 16)", "(default: 600)", "4096"):
         assert default in text
     assert "{auto,mlx,torch}" in text
-    assert "much worse text" in text and "14% of completions parse" in text
+    assert "'default' (the one shipped with the model, run with the settings" in text
+    assert "P|ratio" in text and "speculative sampling" in text
     assert "413" in text and "4 MiB" in text
 
 
 def test_serve_passes_auto_and_the_spec_policy(monkeypatch):
-    from mlx_diffgem.core.speculative import SpecPolicy
     from mlx_diffgem.serve import server
 
     seen = {}
@@ -402,5 +404,8 @@ def test_serve_passes_auto_and_the_spec_policy(monkeypatch):
     argv = ["serve", "--drafter", "self", "--draft-steps", "8", "--max-rounds", "2"]
     assert cli.main(argv) == 0
     assert seen["backend"] == "auto" and seen["drafter"] == "self"
-    assert seen["speculative"] == SpecPolicy(draft_steps=8, max_rounds=2)
+    assert seen["speculative"] == {"draft_steps": 8, "max_rounds": 2}
     assert seen["limits"].body_bytes(131_072) == 4 << 20
+    argv = ["serve", "--drafter", "default", "--accept-threshold", "ratio"]
+    assert cli.main(argv) == 0
+    assert seen["speculative"] == {"accept_threshold": "ratio"}

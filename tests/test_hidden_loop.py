@@ -164,13 +164,54 @@ def test_hidden_options_are_checked():
         SpecPolicy(accept_threshold=1.5)
     with pytest.raises(ValueError, match="verify_sure"):
         SpecPolicy(verify_sure=-0.1)
+    assert SpecPolicy(accept_threshold="ratio").accept_threshold == "ratio"
+    with pytest.raises(ValueError, match="accept_threshold: expected None, a number"):
+        SpecPolicy(accept_threshold="rate")
+    with pytest.raises(ValueError, match="accept_threshold"):
+        SpecPolicy(accept_threshold=True)
+
+
+def test_ratio_acceptance_in_the_loop():
+    """Speculative sampling: a second-choice draft is kept about as often as the
+    model gives it, at the verify's temperature; the draws replay under a seed and
+    differ between seeds."""
+    from mlx_diffgem.core.noise import SeededNoise
+    from mlx_diffgem.core.verify import softmax
+
+    def run(seed):
+        target, drafter = Scripted(TRUTH), Scripted((TRUTH + 1) % V)
+        spec = SpecPolicy(
+            verify="hidden",
+            verify_groups=1,
+            verify_sure=0.0,
+            max_rounds=1,
+            accept_threshold="ratio",
+        )
+        model = SpeculativeModel(target, drafter, spec)
+        cache = SimpleNamespace(batch_size=1)
+        policy = DenoisePolicy(max_steps=48)
+        return model.denoise(State(), cache, policy, SeededNoise(seed)).tokens[0]
+
+    runs = np.stack([run(seed) for seed in range(300)])
+    np.testing.assert_array_equal(run(7), runs[7])  # replayed
+    assert len({r.tobytes() for r in runs}) > 1
+    # one group: every drafted token is judged on the prompt alone and kept with
+    # the model's probability of it; the model writes TRUTH where it finishes
+    z = np.zeros(V, np.float32)
+    z[[3, 4]] = 5.0, 3.0  # position 0: truth 3, second 4
+    t = DenoisePolicy(max_steps=48).temperature(48 - 2)  # after 2 drafter passes
+    p_second = softmax(z / np.float32(t))[4]
+    assert abs((runs[:, 0] == 4).mean() - p_second) < 0.06
 
 
 @pytest.mark.skipif(not (HAS_MLX and HAS_TORCH), reason="needs mlx and torch")
-def test_hidden_verify_decides_alike_on_mlx_and_torch(tiny_path):
+@pytest.mark.parametrize(
+    "accept", [{}, {"accept_threshold": "ratio", "verify_sure": 0.0}], ids=str
+)
+def test_hidden_verify_decides_alike_on_mlx_and_torch(tiny_path, accept):
     out = {}
     for backend in ("mlx", "torch"):
-        spec = {"draft_steps": 3, "max_rounds": 3, "verify": "hidden"}
+        spec = {"draft_steps": 3, "max_rounds": 3, "verify": "hidden", **accept}
         model, _ = _load(tiny_path, backend, "self:layers=0,1 top_k=1", **spec)
         seqs, st = generate_ids(
             model,

@@ -213,6 +213,52 @@ def test_agreement_by_argmax_or_probability():
     assert agreement(logits, np.array([[2, 2]]), 0.25).tolist() == [[False, True]]
 
 
+def _ratio_commits(logits, draft, sure, trials, temperature=0.7):
+    """What speculative sampling commits at one position over many verifies."""
+    from mlx_diffgem.core.verify import RATIO, judge
+
+    rng = np.random.default_rng(0)
+    rank = np.zeros((1, 1), np.int64)
+    out = [
+        judge(logits, draft, rank, RATIO, sure, rng=rng, temperature=temperature)
+        for _ in range(trials)
+    ]
+    return np.concatenate(out)[:, 0]
+
+
+def test_ratio_acceptance_commits_the_models_own_distribution():
+    """Against a point-mass proposal (the drafter's argmax), accepting with p(x)
+    and drawing the rest from p without x commits tokens distributed as p, at the
+    verify's temperature: whatever token was drafted."""
+    from mlx_diffgem.core.verify import softmax
+
+    logits = np.array([[[2.0, 1.0, 0.5, -1.0, 0.0]]], np.float32)
+    p = softmax(logits / np.float32(0.7))[0, 0]
+    for drafted in (0, 2, 3):  # the model's first choice, a plausible, an unlikely
+        ids = _ratio_commits(logits, np.array([[drafted]]), 0.0, 6000)
+        assert (ids >= 0).all()  # with no sure gate every verify commits a token
+        freq = np.bincount(ids, minlength=5) / ids.size
+        np.testing.assert_allclose(freq, p, atol=0.025)
+
+
+def test_ratio_acceptance_keeps_the_sure_gate_and_pins():
+    from mlx_diffgem.core.verify import RATIO, judge
+
+    # drafted 0 has p 0.3, token 1 has 0.6: an accepted 0 is not sure enough (open);
+    # a rejected 0 draws from the rest, committed only where it is 1
+    logits = np.log(np.array([[[0.3, 0.6, 0.05, 0.05]]], np.float32))
+    ids = _ratio_commits(logits, np.array([[0]]), 0.5, 1000, temperature=1.0)
+    assert set(ids.tolist()) == {-1, 1}
+    # open: 0 accepted (0.3), or rejected and a 0.05 token drawn (0.7 * 0.1 / 0.7)
+    assert abs((ids < 0).mean() - 0.4) < 0.06
+    # a pinned token (rank -1) is kept whatever the model thinks of it
+    rng = np.random.default_rng(1)
+    rank = np.array([[-1]])
+    for _ in range(50):
+        got = judge(logits, np.array([[3]]), rank, RATIO, 0.9, rng=rng)
+        assert got.tolist() == [[3]]
+
+
 @needs_torch
 def test_bench_verify_measures_recall_and_false_rejection():
     """bench.verify on two held-out prompts: every variant and criterion has a row,

@@ -146,6 +146,51 @@ def test_drafter_folder_errors(tiny_path, tmp_path, drafter_dir):
         load_drafter(target, "default")
 
 
+def test_a_drafter_recommends_its_speculative_settings(tiny_path, tmp_path):
+    """drafter_config.json's "speculative" fills what the caller leaves out (a
+    dict's missing fields, or no `speculative=`); a SpecPolicy is taken whole; a
+    bad entry is refused naming the file."""
+    import dataclasses
+
+    from mlx_diffgem.core.speculative import SpecPolicy
+
+    backend = "torch" if HAS_TORCH else "mlx"
+    cfg = load_config(tiny_path)
+    spec = _spec(cfg).for_target(tiny_path, cfg)
+    spec = dataclasses.replace(spec, speculative={"draft_steps": 5, "max_rounds": 3})
+    folder = str(save(tmp_path / "d", spec, _random_weights(spec)))
+
+    def policy(speculative=None, drafter=folder):
+        model, _ = dg.load(
+            tiny_path, backend=backend, drafter=drafter, speculative=speculative
+        )
+        return model.spec
+
+    assert (policy().draft_steps, policy().max_rounds) == (5, 3)
+    mixed = policy({"max_rounds": 2})
+    assert (mixed.draft_steps, mixed.max_rounds) == (5, 2)
+    assert policy(SpecPolicy()) == SpecPolicy()
+    assert policy(drafter="self") == SpecPolicy()  # only trained drafters recommend
+    for bad, message in [
+        ({"draft_step": 8}, "speculative: unknown option 'draft_step'"),
+        ({"draft_steps": 0}, "speculative: draft_steps must be"),
+        ([8], "speculative must be an object"),
+    ]:
+        raw = json.loads((tmp_path / "d" / CONFIG).read_text())
+        raw["speculative"] = bad
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "b" / CONFIG).write_text(json.dumps(raw))
+        with pytest.raises(ValueError, match=f"drafter_config.json: {message}"):
+            DrafterSpec.from_file(tmp_path / "b" / CONFIG)
+
+
+def test_the_shipped_drafter_runs_with_its_draft_cap():
+    """The shipped drafter stops drafting at 8 passes unless told otherwise: on its
+    own stop rule it drafts ~21 (issue 20's record)."""
+    spec = DrafterSpec.from_file(default_model_path() / "drafter" / CONFIG)
+    assert spec.speculative == {"draft_steps": 8}
+
+
 @needs_torch
 def test_distill_lowers_the_drafter_loss(tmp_path):
     """A few steps on the embedded model move the held-out loss down, and the

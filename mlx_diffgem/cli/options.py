@@ -138,9 +138,8 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
         help="decode speculatively: 'self' (the model's own weights, run cheaply; "
         "no training), 'self:layers=0,5 top_k=1 sc_top_k=32 head_vocab=1024' "
         "(explicit cuts), 'target' (the model at full cost), a trained drafter's "
-        "folder, or 'default' (the one shipped with the model: on the embedded "
-        "model it is faster than 'self' but writes much worse text, 14%% of "
-        "completions parse against 42%% natively)",
+        "folder, or 'default' (the one shipped with the model, run with the "
+        "settings its config recommends; flags given here override them)",
     )
     steps = [
         ("--draft-steps", "drafter passes before the first verify, at most", 24),
@@ -153,7 +152,8 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
             type=int,
             default=None,
             metavar="N",
-            help=f"with --drafter: {what}, {STEPS_RANGE} (default {default})",
+            help=f"with --drafter: {what}, {STEPS_RANGE} (default {default}, or "
+            "a trained drafter's own)",
         )
     g.add_argument(
         "--draft-entropy-bound",
@@ -188,12 +188,14 @@ def add_verify(g) -> None:
     )
     g.add_argument(
         "--accept-threshold",
-        type=float,
+        type=threshold,
         default=None,
-        metavar="P",
+        metavar="P|ratio",
         help="with --verify hidden: keep a drafted token where the model gives it "
-        "at least P (0..1) instead of only where it is the model's argmax; trades "
-        "quality for speed",
+        "at least P (0..1) instead of only where it is the model's argmax, which "
+        "trades quality for speed; or 'ratio': speculative sampling, keep it with "
+        "the model's probability of it and draw the model's token where it is not "
+        "kept (the text is then a sample of the model's; use with --verify-sure 0)",
     )
     g.add_argument(
         "--verify-sure",
@@ -203,6 +205,15 @@ def add_verify(g) -> None:
         help="with --verify hidden: commit a token only where the model gives it at "
         "least P, 0..1 (default 0.9); lower keeps more and writes worse text",
     )
+
+
+def threshold(text: str) -> float | str:
+    """--accept-threshold's value: a number, else the text as given ('ratio'), which
+    SpecPolicy checks with the API's message."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 # --------------------------------------------------------------------------------------
@@ -243,8 +254,9 @@ def sampler_overrides(args: argparse.Namespace, **lengths: Any) -> dict[str, Any
     return given
 
 
-def spec_policy(args: argparse.Namespace) -> Any:
-    """The SpecPolicy of the speculative flags (None: none given), checked now."""
+def spec_policy(args: argparse.Namespace) -> dict | None:
+    """The speculative flags given, as api.load's `speculative` dict (None: none
+    given; a trained drafter's recommended settings fill the rest), checked now."""
     from ..core.speculative import SpecPolicy
 
     spec = {k: getattr(args, k, None) for k in SPEC_KEYS}
@@ -254,7 +266,8 @@ def spec_policy(args: argparse.Namespace) -> Any:
     if args.drafter is None:
         flags = ", ".join("--" + k.replace("_", "-") for k in spec)
         raise ValueError(f"{flags}: only applies with --drafter")
-    return SpecPolicy(**spec)
+    SpecPolicy(**spec)
+    return spec
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -19,7 +19,8 @@ instead (core/layout.py): the model scores every drafted token without seeing it
 given the prompt and the draft's surer tokens only (the drafter's confidence order,
 `verify_groups` groups). Drafted tokens are accepted along that order while the model
 agrees (core/verify.py: its argmax, or a probability of at least
-`accept_threshold`); at the first rejection the model's own token is taken. What is
+`accept_threshold`, or with "ratio" speculative sampling); at the first rejection the
+model's own token is taken. What is
 committed is pinned; the drafter redrafts the rest from fresh noise around the pins
 (`refine_steps` passes) and the model verifies again. After `max_rounds` verifies
 the model finishes what is still open natively, the pins held, as an infill.
@@ -36,6 +37,7 @@ Targets and no backend calls back into `drafter/`.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,8 +57,8 @@ from .backend import (
 from .config import MAX_DENOISING_STEPS
 from .healing import allowed_mask
 from .layout import HiddenLayout
-from .noise import NoiseSource
-from .verify import draft_rank, judge
+from .noise import NoiseSource, SeededNoise
+from .verify import RATIO, draft_rank, judge
 
 VERIFIES = ("plain", "hidden")
 
@@ -78,8 +80,8 @@ class SpecPolicy:
         verify_on: "argmax" or "canvas" (plain verify only).
         verify: "hidden" (default) or "plain".
         verify_groups: hidden verify's groups, an integer in [1, 65536] (8).
-        accept_threshold: hidden verify's acceptance, None (the model's argmax) or
-            a number in [0, 1].
+        accept_threshold: hidden verify's acceptance, None (the model's argmax),
+            a number in [0, 1] or "ratio" (speculative sampling).
         verify_sure: hidden verify: the model's least probability of a token it
             commits, in [0, 1] (0.9).
     Python or numpy numbers are accepted (numpy ones become Python ones); bools,
@@ -114,7 +116,11 @@ class SpecPolicy:
     # hidden verify: None accepts a drafted token where it is the model's argmax
     # (greedy, lossless for greedy decoding); a number p accepts it where the model
     # gives it at least p, which keeps more of the draft and trades quality for speed.
-    accept_threshold: float | None = None
+    # "ratio": speculative sampling, each drafted token kept with the model's
+    # probability of it at the schedule's temperature and the model's token drawn at
+    # the first rejection: the text is a sample of the model's, not its argmax (with
+    # verify_sure 0; the sure gate still applies).
+    accept_threshold: float | str | None = None
     # hidden verify: a token is committed only where the model gives it at least
     # this probability. Lower commits more tokens the model merely finds likeliest
     # given little context: 0 on the embedded model parsed 10% against 38% natively
@@ -138,8 +144,14 @@ class SpecPolicy:
         object.__setattr__(self, "verify_groups", groups)
         sure = V.number(self.verify_sure, "verify_sure", lo=0, hi=1)
         object.__setattr__(self, "verify_sure", sure)
-        if self.accept_threshold is not None:
-            t = V.number(self.accept_threshold, "accept_threshold", lo=0, hi=1)
+        t = self.accept_threshold
+        if isinstance(t, str) and t != RATIO:
+            raise ValueError(
+                f"accept_threshold: expected None, a number in [0, 1] or {RATIO!r}, "
+                f"got {t!r}"
+            )
+        if t is not None and t != RATIO:
+            t = V.number(t, "accept_threshold", lo=0, hi=1)
             object.__setattr__(self, "accept_threshold", t)
         for name in ("draft_confidence", "draft_entropy_bound"):
             c = getattr(self, name)
@@ -263,10 +275,33 @@ class _Canvas:
         if state.heal_ids is not None:  # the first position extends the prompt
             allowed = allowed_mask(state.heal_ids, logits.shape[-1], None)
             logits[:, 0, ~allowed] = -np.inf
+        rng, temperature = self._draws(state, tokens)
         self.rounds += 1
         self.target_steps += 1
         spec = self.spec
-        return judge(logits, tokens, rank, spec.accept_threshold, spec.verify_sure)
+        return judge(
+            logits,
+            tokens,
+            rank,
+            spec.accept_threshold,
+            spec.verify_sure,
+            rng=rng,
+            temperature=temperature,
+        )
+
+    def _draws(self, state, tokens: np.ndarray):
+        """Speculative sampling's generator and temperature for this verify: a host
+        stream keyed by the seed, the counters and the draft (so that canvases do not
+        share draws), the same on every backend; the temperature of the verify's
+        place in the schedule (passes of either model so far)."""
+        done = state.step + self.drafter_steps + self.target_steps
+        temperature = self.policy.temperature(max(self.policy.max_steps - done, 1))
+        seed = getattr(self.noise, "seed", None)
+        if seed is None and isinstance(self.noise, SeededNoise):  # fresh entropy
+            return np.random.default_rng(), temperature
+        key = [seed or 0, self.rounds, self.drafter_steps, 0xACCE]
+        key.append(zlib.crc32(np.ascontiguousarray(tokens, np.int32).tobytes()))
+        return np.random.default_rng(key), temperature
 
     def _noise(self, shape) -> np.ndarray:
         """Uniform ids for open positions: a host stream of its own, the same on

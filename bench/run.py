@@ -167,6 +167,7 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
         help="SpecPolicy: a number or 'ratio'",
     )
     p.add_argument("--spec-verify-sure", type=float, default=None, help="SpecPolicy")
+    p.add_argument("--spec-min-commit", type=float, default=None, help="SpecPolicy")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -195,6 +196,7 @@ def _check_spec(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         spec_only += ("spec_max_rounds", "spec_draft_confidence")
         spec_only += ("spec_draft_entropy_bound", "spec_verify_on", "spec_verify")
         spec_only += ("spec_verify_groups", "spec_accept_threshold", "spec_verify_sure")
+        spec_only += ("spec_min_commit",)
         given = [k for k in spec_only if getattr(args, k) is not None]
         if given:
             p.error(f"--{given[0].replace('_', '-')}: only for the spec suites")

@@ -96,6 +96,7 @@ def spec_policy(args: argparse.Namespace, defaults: dict | None = None) -> Any:
         "verify_groups": args.spec_verify_groups,
         "accept_threshold": args.spec_accept_threshold,
         "verify_sure": args.spec_verify_sure,
+        "min_commit": args.spec_min_commit,
     }
     given = {k: v for k, v in given.items() if v is not None}
     return SpecPolicy(**{**(defaults or {}), **given})

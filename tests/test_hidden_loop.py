@@ -139,10 +139,24 @@ def test_unsure_tokens_are_left_to_the_model():
     # the model's own token has p = e^5 / (e^5 + e^3 + 14), about 0.81
     res, target, _ = _decode(TRUTH, verify_sure=0.8)
     assert res.verify_rounds == 1 and target.starts == []
-    res, target, _ = _decode(TRUTH, verify_sure=0.9, max_rounds=2)
+    res, target, _ = _decode(TRUTH, verify_sure=0.9, max_rounds=2, min_commit=0)
     assert res.verify_rounds == 2
     (finish,) = target.starts  # nothing was sure enough to commit
     assert (finish.fixed == -1).all()
+
+
+def test_a_verify_that_commits_too_little_hands_the_canvas_to_the_model():
+    wrong = (TRUTH + 2) % V  # each verify commits only the model's own first token
+    res, target, _ = _decode(wrong, max_rounds=4, min_commit=0.2)  # 1/8 < 0.2
+    assert res.verify_rounds == 1 and len(target.starts) == 1
+    assert target.starts[0].fixed[0].tolist() == [3] + [-1] * (C - 1)
+    np.testing.assert_array_equal(res.tokens, TRUTH)
+    res, target, _ = _decode(wrong, max_rounds=4, min_commit=0.1)  # 1/8 >= 0.1
+    assert res.verify_rounds == 4
+    res, _, _ = _decode(TRUTH, min_commit=1.0)  # a perfect draft: all committed
+    assert res.verify_rounds == 1 and res.passes.tolist() == [1]
+    with pytest.raises(ValueError, match="min_commit"):
+        SpecPolicy(min_commit=1.5)
 
 
 def test_healing_constrains_the_models_own_first_token():

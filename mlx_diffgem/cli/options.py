@@ -28,6 +28,7 @@ SPEC_KEYS = (
     "verify_groups",
     "accept_threshold",
     "verify_sure",
+    "min_commit",
 )
 
 
@@ -204,6 +205,15 @@ def add_verify(g) -> None:
         metavar="P",
         help="with --verify hidden: commit a token only where the model gives it at "
         "least P, 0..1 (default 0.9); lower keeps more and writes worse text",
+    )
+    g.add_argument(
+        "--min-commit",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --verify hidden: where a verify commits less than this share of "
+        "the open positions, stop drafting and let the model finish natively, 0..1 "
+        "(default 0.1; 0: never)",
     )
 
 

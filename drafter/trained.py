@@ -200,18 +200,10 @@ def _speculative(raw: Any, path: Path) -> dict | None:
 
     if raw is None:
         return None
-    fields = sorted(f.name for f in dataclasses.fields(SpecPolicy))
     if not isinstance(raw, dict):
+        fields = sorted(f.name for f in dataclasses.fields(SpecPolicy))
         raise ConfigError(f"{path}: speculative must be an object of {fields}")
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{path}: speculative: unknown option {unknown[0]!r}; expected {fields}"
-        )
-    try:
-        SpecPolicy(**raw)
-    except ValueError as e:
-        raise ConfigError(f"{path}: speculative: {e}") from None
+    SpecPolicy.from_options(raw, str(path), ConfigError)
     return dict(raw)
 
 

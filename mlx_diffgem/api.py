@@ -85,13 +85,7 @@ def _spec_policy(
         return spec
     if spec is not None and not isinstance(spec, dict):
         raise ValueError("speculative: expected a SpecPolicy or a dict of its fields")
-    fields = {f.name for f in dataclasses.fields(SpecPolicy)}
-    unknown = sorted(set(spec or {}) - fields)
-    if unknown:
-        raise ValueError(
-            f"speculative: unknown option {unknown[0]!r}; expected {sorted(fields)}"
-        )
-    return SpecPolicy(**{**(defaults or {}), **(spec or {})})
+    return SpecPolicy.from_options({**(defaults or {}), **(spec or {})})
 
 
 def _prompt_ids(

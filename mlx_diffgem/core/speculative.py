@@ -20,11 +20,11 @@ given the prompt and the draft's surer tokens only (the drafter's confidence ord
 `verify_groups` groups). Drafted tokens are accepted along that order while the model
 agrees (core/verify.py: its argmax, or a probability of at least
 `accept_threshold`, or with "ratio" speculative sampling); at the first rejection the
-model's own token is taken. What is
-committed is pinned; the drafter redrafts the rest from fresh noise around the pins
-(`refine_steps` passes) and the model verifies again. After `max_rounds` verifies,
-or one that committed less than `min_commit` of what was open, the model finishes
-what is still open natively, the pins held, as an infill.
+model's own token is taken. What is committed is pinned; the drafter redrafts the
+rest from fresh noise around the pins (`refine_steps` passes) and the model verifies
+again. After `max_rounds` verifies, or one that committed less than `min_commit` of
+what was open, the model finishes what is still open natively, the pins held, as an
+infill.
 Invariant: every committed token was accepted by a verify or written by the model.
 
 The schedule position (and so the temperature) advances with every pass of either
@@ -156,12 +156,12 @@ class SpecPolicy:
             value = V.number(getattr(self, name), name, lo=0, hi=1)
             object.__setattr__(self, name, value)
         t = self.accept_threshold
-        if isinstance(t, str) and t != RATIO:
-            raise ValueError(
-                f"accept_threshold: expected None, a number in [0, 1] or {RATIO!r}, "
-                f"got {t!r}"
-            )
         if t is not None and t != RATIO:
+            if isinstance(t, str):
+                raise ValueError(
+                    f"accept_threshold: expected None, a number in [0, 1] or "
+                    f"{RATIO!r}, got {t!r}"
+                )
             t = V.number(t, "accept_threshold", lo=0, hi=1)
             object.__setattr__(self, "accept_threshold", t)
         for name in ("draft_confidence", "draft_entropy_bound"):
@@ -169,6 +169,25 @@ class SpecPolicy:
             if c is not None:
                 c = V.number(c, name, lo=0, lo_open=True)
                 object.__setattr__(self, name, c)
+
+    @classmethod
+    def from_options(
+        cls, options: dict, source: str | None = None, error: type = ValueError
+    ) -> SpecPolicy:
+        """A SpecPolicy of a dict of its fields (`speculative=`, or a drafter
+        config's "speculative" read from the file `source`, named with each error,
+        raised as `error`); a key that is no field is refused by name."""
+        where = "speculative" if source is None else f"{source}: speculative"
+        fields = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise error(f"{where}: unknown option {unknown[0]!r}; expected {fields}")
+        if source is None:
+            return cls(**options)
+        try:
+            return cls(**options)
+        except ValueError as e:
+            raise error(f"{where}: {e}") from None
 
     def drafter_policy(self, policy: DenoisePolicy, budget: int) -> DenoisePolicy:
         conf = self.draft_confidence or policy.confidence_threshold

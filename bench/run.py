@@ -157,7 +157,10 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
         help="SpecPolicy",
     )
     p.add_argument(
-        "--spec-verify", choices=["plain", "hidden"], default=None, help="SpecPolicy"
+        "--spec-verify",
+        choices=["plain", "hidden", "others"],
+        default=None,
+        help="SpecPolicy",
     )
     p.add_argument("--spec-verify-groups", type=int, default=None, help="SpecPolicy")
     p.add_argument(

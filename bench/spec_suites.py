@@ -354,7 +354,7 @@ def _spec_cost(
         "verifies": spec["verify_rounds_per_canvas"]["mean"],
         "drafter": passes[2],
     }
-    hidden = model.spec.verify == "hidden"
+    hidden = model.spec.verify != "plain"  # a verify over two canvases
     regimes = byte_regime(released, there_plan, counts, hidden=hidden)
     return {
         "cost": {"this_model": here, "released": there},
@@ -388,9 +388,11 @@ def spec(args: argparse.Namespace) -> list[dict]:
     model_entry = _spec_model_entry(args, target, path)
     context = round(float(np.mean([a.shape[1] for a in ids])))
     records = []
+    created = None  # one time stamp for the run: its records sort together by name
     for name in args.drafter:
         entry = _spec_entry(runs[name], entropies[name], args.repeats)
         rec = record.envelope("spec", accel, _blas_list())
+        created = rec["created"] = created or rec["created"]
         rec.update(
             backend=args.backend,
             device=device,

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from cuda_backend import train as T
 
 from .adapter_torch import Adapter
-from .trained import AdapterConfig, DrafterSpec, save
+from .trained import CONFIG, AdapterConfig, DrafterSpec, load_adapter, save
 
 
 @dataclass
@@ -66,6 +66,7 @@ class DistillArgs:
     threads: int = 1
     seed: int = 0
     resume: bool = False  # go on from the out folder's state.pt
+    init: str = ""  # a trained drafter folder to start from (same design), not --resume
     patience: int = 0  # > 0: stop after this many evaluations without improvement
 
 
@@ -172,6 +173,33 @@ def _resume(out: Path, adapter, opt, rng, gen) -> _Run:
     return _Run(**blob["run"])
 
 
+def _start(a: DistillArgs, spec: DrafterSpec) -> Adapter:
+    """The adapter of the drafter folder `a.init`, trainable: a warm start (new
+    optimizer and schedule), refused where its design differs from the flags'."""
+    if a.resume:
+        raise ValueError("--init and --resume: give one (--resume reads state.pt)")
+    folder = Path(a.init)
+    have = DrafterSpec.from_file(folder / CONFIG)
+    want = dataclasses.replace(spec, target=have.target, speculative=have.speculative)
+    if have != want:
+        raise ValueError(
+            f"--init {folder}: its design ({_design(have)}) differs from the "
+            f"flags' ({_design(spec)})"
+        )
+    if have.target and have.target != spec.target:
+        raise ValueError(f"--init {folder}: it was made for another model")
+    adapter = load_adapter(folder, have, "torch", torch.float32)
+    return adapter.train().requires_grad_(True)
+
+
+def _design(s: DrafterSpec) -> str:
+    layers = ",".join(map(str, s.target_layers))
+    return (
+        f"layers {layers}, {s.adapter.num_layers} adapter layers, top_k {s.top_k}, "
+        f"sc_top_k {s.sc_top_k}, head_vocab {s.head_vocab}"
+    )
+
+
 def _record(out: Path, a: DistillArgs, folder: Path, run: _Run) -> None:
     meta = {"args": dataclasses.asdict(a), "target": str(folder), "start": run.start}
     meta |= {"steps": run.step, "elapsed_s": run.elapsed, "log": run.log}
@@ -191,7 +219,7 @@ def distill(a: DistillArgs) -> Path:
     target = loaded.model.requires_grad_(False)
     # with the target's fingerprint: the drafter refuses to load for another model
     spec = build_spec(a, target.config).for_target(loaded.path, target.config)
-    adapter = Adapter(spec.adapter)
+    adapter = _start(a, spec) if a.init else Adapter(spec.adapter)
     plan = spec.plan(target.config, adapter)
     train_w = T.Windows(T.load_stream(a.data, "train"), a.seq_len)
     held_w = T.Windows(T.load_stream(a.data, "heldout"), a.seq_len)

@@ -51,6 +51,8 @@ def test_spec_writes_one_record_per_drafter(spec_records):
     assert set(paths) == {"self", "target", "default"}
     assert paths["self"].name.endswith("-self.json")
     assert paths["target"].name.endswith("-target.json")
+    # one time stamp for the run, however long it takes to write the records
+    assert len({json.loads(p.read_text())["created"] for p in paths.values()}) == 1
     for name, path in paths.items():
         rec = json.loads(path.read_text())
         assert rec["schema"] == report.SCHEMA and rec["suite"] == "spec"

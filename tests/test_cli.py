@@ -315,6 +315,8 @@ FAST_ERRORS = [
     (["serve", "--max-rounds", "3"], "--max-rounds: only applies with --drafter"),
     (["serve", "--drafter", "self", "--accept-threshold", "1.5"], "accept_threshold"),
     (["serve", "--drafter", "self", "--accept-threshold", "rate"], "or 'ratio', got"),
+    (["serve", "--drafter", "self", "--verify", "others", "--verify-groups", "4"],)
+    + ("verify_groups: only the 'hidden' verify has groups",),
     (["serve", "--model", "."], "not a model folder"),
 ]
 

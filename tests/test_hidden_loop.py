@@ -39,11 +39,12 @@ class Scripted:
         self.writes, self.truth = np.asarray(writes), np.asarray(truth)
         self.second = (self.truth + 1) % V if second is None else np.asarray(second)
         self.config = SimpleNamespace(canvas_length=C, vocab_size=V)
-        self.layouts, self.starts = [], []
+        self.layouts, self.starts, self.others = [], [], []
 
     def decode(self, ids, cache, self_conditioning=None, layout=None):
         assert layout is not None and np.shape(ids) == (1, 2 * C)
         self.layouts.append(layout.rank.copy())
+        self.others.append(layout.others)
         z = np.zeros((1, C, V), np.float32)
         np.put_along_axis(z, self.second[..., None], 3.0, axis=-1)
         np.put_along_axis(z, self.truth[..., None], 5.0, axis=-1)
@@ -67,9 +68,10 @@ class Scripted:
 def _decode(draft, target=None, state=None, **spec):
     target, state = target or Scripted(TRUTH), state or State()
     drafter = Scripted(draft)
-    spec = SpecPolicy(
-        **{"verify": "hidden", "verify_groups": C, "verify_sure": 0.0, **spec}
-    )
+    spec = {"verify": "hidden", "verify_sure": 0.0, **spec}
+    if spec["verify"] == "hidden":  # one group per position: a strict order
+        spec.setdefault("verify_groups", C)
+    spec = SpecPolicy(**spec)
     model = SpeculativeModel(target, drafter, spec)
     cache = SimpleNamespace(batch_size=1)
     res = model.denoise(state, cache, DenoisePolicy(max_steps=48), noise=None)
@@ -159,6 +161,33 @@ def test_a_verify_that_commits_too_little_hands_the_canvas_to_the_model():
         SpecPolicy(min_commit=1.5)
 
 
+def test_leave_one_out_verify_decides_each_position_on_its_own():
+    """verify="others": one pass judges every token on the rest of the draft, so a
+    token after an error is still accepted, and at each error the model's own sure
+    token is committed: the whole canvas in one verify, no order in the layout."""
+    draft = TRUTH.copy()
+    draft[0, [1, 5]] = 0  # two errors, one early in the drafter's order
+    res, target, _ = _decode(draft, verify="others")
+    np.testing.assert_array_equal(res.tokens, TRUTH)
+    assert res.verify_rounds == 1 and target.starts == [] and target.others == [True]
+    assert res.drafted_kept == C - 2
+    # not sure enough (the model's own p is about 0.81): nothing is committed, and
+    # the model decodes the canvas natively, the infill's pin held
+    pins = np.array([[-1, -1, 7, -1, -1, -1, -1, -1]])
+    truth = np.where(pins >= 0, pins, TRUTH)
+    target = Scripted(writes=np.full((1, C), 1), truth=truth)
+    res, _, _ = _decode(
+        draft, target, State(fixed=pins), verify="others", verify_sure=0.9
+    )
+    (finish,) = target.starts
+    assert finish.fixed[0].tolist() == pins[0].tolist()
+    assert res.tokens[0].tolist() == [1, 1, 7, 1, 1, 1, 1, 1]
+    # a drafted second choice is kept only where a threshold accepts it
+    second = (TRUTH + 1) % V
+    res, _, _ = _decode(second, verify="others", accept_threshold=0.1)
+    np.testing.assert_array_equal(res.tokens, second)
+
+
 def test_healing_constrains_the_models_own_first_token():
     draft = np.full((1, C), 0)
     heal = np.array([5, 6], np.int32)  # the model's 3 is not allowed there
@@ -170,10 +199,18 @@ def test_healing_constrains_the_models_own_first_token():
 
 
 def test_hidden_options_are_checked():
-    with pytest.raises(ValueError, match="verify: expected 'plain' or 'hidden'"):
+    with pytest.raises(ValueError, match="verify: expected 'plain', 'hidden' or 'ot"):
         SpecPolicy(verify="maybe")
+    with pytest.raises(ValueError, match="'ratio' needs verify='hidden'"):
+        SpecPolicy(verify="others", accept_threshold="ratio")
     with pytest.raises(ValueError, match="verify_groups"):
         SpecPolicy(verify_groups=0)
+    # only the ordered verify has groups: elsewhere a given number is refused
+    assert SpecPolicy().verify_groups == 8
+    assert SpecPolicy(verify="others").verify_groups is None
+    for verify in ("others", "plain"):
+        with pytest.raises(ValueError, match="only the 'hidden' verify has groups"):
+            SpecPolicy(verify=verify, verify_groups=8)
     with pytest.raises(ValueError, match="accept_threshold"):
         SpecPolicy(accept_threshold=1.5)
     with pytest.raises(ValueError, match="verify_sure"):
@@ -220,12 +257,14 @@ def test_ratio_acceptance_in_the_loop():
 
 @pytest.mark.skipif(not (HAS_MLX and HAS_TORCH), reason="needs mlx and torch")
 @pytest.mark.parametrize(
-    "accept", [{}, {"accept_threshold": "ratio", "verify_sure": 0.0}], ids=str
+    "accept",
+    [{}, {"accept_threshold": "ratio", "verify_sure": 0.0}, {"verify": "others"}],
+    ids=str,
 )
 def test_hidden_verify_decides_alike_on_mlx_and_torch(tiny_path, accept):
     out = {}
     for backend in ("mlx", "torch"):
-        spec = {"draft_steps": 3, "max_rounds": 3, "verify": "hidden", **accept}
+        spec = {"draft_steps": 3, "max_rounds": 3, "verify": "hidden"} | accept
         model, _ = _load(tiny_path, backend, "self:layers=0,1 top_k=1", **spec)
         seqs, st = generate_ids(
             model,

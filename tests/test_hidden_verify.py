@@ -213,6 +213,26 @@ def test_agreement_by_argmax_or_probability():
     assert agreement(logits, np.array([[2, 2]]), 0.25).tolist() == [[False, True]]
 
 
+def test_leave_one_out_judges_each_position():
+    from mlx_diffgem.core.verify import judge_each
+
+    # per position: p over 3 ids; drafts 0, 0, 1, 2 and a pin (rank -1)
+    p = np.array([[[0.95, 0.04, 0.01], [0.3, 0.6, 0.1], [0.02, 0.03, 0.95]]])
+    p = np.concatenate([p, [[[0.5, 0.45, 0.05], [0.01, 0.01, 0.98]]]], axis=1)
+    logits, draft = np.log(p), np.array([[0, 0, 1, 2, 1]])
+    rank = np.array([[0, 0, 0, 0, -1]])
+    # kept (sure), open (neither sure), the model's own sure 2, open (the draft's 2
+    # is not its argmax, and its own 0 is not sure), the pin whatever p says
+    assert judge_each(logits, draft, rank, None, 0.9).tolist() == [[0, -1, 2, -1, 1]]
+    # without the gate every position commits: the draft where it is the argmax,
+    # else the model's own token; a threshold keeps a likely second choice (0.45 at
+    # position 3) and not an unlikely one (0.05)
+    assert judge_each(logits, draft, rank, None, 0.0).tolist() == [[0, 1, 2, 0, 1]]
+    assert judge_each(logits, draft, rank, 0.4, 0.0).tolist() == [[0, 1, 2, 0, 1]]
+    second = np.array([[0, 0, 1, 1, 1]])
+    assert judge_each(logits, second, rank, 0.4, 0.0).tolist() == [[0, 1, 2, 1, 1]]
+
+
 def _ratio_commits(logits, draft, sure, trials, temperature=0.7):
     """What speculative sampling commits at one position over many verifies."""
     from mlx_diffgem.core.verify import RATIO, judge

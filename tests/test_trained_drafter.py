@@ -259,6 +259,34 @@ def test_distill_resumes_where_it_stopped_and_stops_on_a_plateau(tmp_path, monke
 
 
 @needs_torch
+def test_distill_starts_from_a_trained_drafter(tmp_path):
+    """--init starts from a drafter folder's weights (its held-out loss at step 0 is
+    that drafter's, not a fresh adapter's) and refuses another design or --resume."""
+    from drafter.distill import DistillArgs, distill
+
+    data = _tiny_corpus(tmp_path / "corpus")
+    kw = dict(data=str(data), layers="0,5", eval_batches=1, batch=2, seq_len=256)
+    kw |= dict(warmup=2, lr=3e-3)
+    first = distill(DistillArgs(out=str(tmp_path / "a"), steps=8, eval_every=8, **kw))
+    trained = json.loads((first / "distill.json").read_text())["log"][-1]["loss"]
+    warm = distill(DistillArgs(out=str(tmp_path / "b"), steps=0, init=str(first), **kw))
+    start = json.loads((warm / "distill.json").read_text())["start"]["loss"]
+    assert start == pytest.approx(trained, rel=1e-5)
+    with pytest.raises(
+        ValueError, match=r"design \(layers 0,5,.* flags' \(layers 0,1,"
+    ):
+        distill(
+            DistillArgs(
+                out=str(tmp_path / "c"), init=str(first), **kw | {"layers": "0,1"}
+            )
+        )
+    with pytest.raises(ValueError, match="--init and --resume"):
+        distill(
+            DistillArgs(out=str(tmp_path / "b"), init=str(first), resume=True, **kw)
+        )
+
+
+@needs_torch
 def test_certainty_forcing_adds_the_entropy_of_right_predictions():
     import torch
 

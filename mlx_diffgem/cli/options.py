@@ -172,11 +172,13 @@ def add_verify(g) -> None:
     g.add_argument(
         "--verify",
         default=None,
-        choices=["plain", "hidden"],
+        choices=["plain", "hidden", "others"],
         help="with --drafter: hidden (default) scores each drafted token without "
         "showing it, rejects what the model would not write and leaves it to the "
         "model (text as good as the model's; on the embedded model it takes more "
-        "passes than decoding natively); plain checks the clean draft in one pass "
+        "passes than decoding natively); others judges each drafted token on the "
+        "whole rest of the draft, unordered: keeps more of a draft, trades some "
+        "quality for speed; plain checks the clean draft in one pass "
         "and keeps almost all of it: faster, text only as good as the drafter's",
     )
     g.add_argument(

@@ -22,9 +22,12 @@ agrees (core/verify.py: its argmax, or a probability of at least
 `accept_threshold`, or with "ratio" speculative sampling); at the first rejection the
 model's own token is taken. What is committed is pinned; the drafter redrafts the
 rest from fresh noise around the pins (`refine_steps` passes) and the model verifies
-again. After `max_rounds` verifies, or one that committed less than `min_commit` of
-what was open, the model finishes what is still open natively, the pins held, as an
-infill.
+again. With `verify="others"` each query sees the whole rest of the draft (a
+leave-one-out pass) and every position is decided on its own: the drafted token
+where the model agrees and is sure of it, else the model's own token where it is
+sure of that (core/verify.judge_each). After `max_rounds` verifies, or one that
+committed less than `min_commit` of what was open, the model finishes what is still
+open natively, the pins held, as an infill.
 Invariant: every committed token was accepted by a verify or written by the model.
 
 The schedule position (and so the temperature) advances with every pass of either
@@ -59,9 +62,9 @@ from .config import MAX_DENOISING_STEPS
 from .healing import allowed_mask
 from .layout import HiddenLayout
 from .noise import NoiseSource, SeededNoise
-from .verify import RATIO, draft_rank, judge
+from .verify import RATIO, draft_rank, judge, judge_each
 
-VERIFIES = ("plain", "hidden")
+VERIFIES = ("plain", "hidden", "others")
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,9 @@ class SpecPolicy:
         draft_entropy_bound: the drafter's entropy bound, a finite number > 0, or
             None: the target's entropy_bound.
         verify_on: "argmax" or "canvas" (plain verify only).
-        verify: "hidden" (default) or "plain".
-        verify_groups: hidden verify's groups, an integer in [1, 65536] (8).
+        verify: "hidden" (default), "others" or "plain".
+        verify_groups: hidden verify's groups, an integer in [1, 65536], or None:
+            8 with verify="hidden" (the other verifies have no groups and refuse one).
         accept_threshold: hidden verify's acceptance, None (the model's argmax),
             a number in [0, 1] or "ratio" (speculative sampling).
         verify_sure: hidden verify: the model's least probability of a token it
@@ -112,10 +116,14 @@ class SpecPolicy:
     # model copies plausible tokens it can see), so the drafter decides the text;
     # faster, and with drafter="self" on the embedded model as good (39% -> 40%
     # parsing, 600 prompts), but self:layers=0,5 fell from 38% to 10%.
+    # "others": the leave-one-out hidden verify (core/verify.judge_each), each token
+    # judged on the whole rest of the draft and decided on its own, no commit order:
+    # it keeps more of a draft than "hidden", and a drafted token is committed only
+    # where the model, not shown it, would write it and is sure of it.
     verify: str = "hidden"
     # hidden verify: equal-size groups of the drafter's confidence order (1 judges
-    # every token on the prompt alone; more groups see more of the draft).
-    verify_groups: int = 8
+    # every token on the prompt alone; more groups see more of the draft). None: 8.
+    verify_groups: int | None = None
     # hidden verify: None accepts a drafted token where it is the model's argmax
     # (greedy, lossless for greedy decoding); a number p accepts it where the model
     # gives it at least p, which keeps more of the draft and trades quality for speed.
@@ -148,9 +156,22 @@ class SpecPolicy:
             raise ValueError(f"verify_on: expected 'argmax' or 'canvas', got {on!r}")
         if not isinstance(self.verify, str) or self.verify not in VERIFIES:
             raise ValueError(
-                f"verify: expected 'plain' or 'hidden', got {self.verify!r}"
+                f"verify: expected 'plain', 'hidden' or 'others', got {self.verify!r}"
             )
-        groups = V.integer(self.verify_groups, "verify_groups", lo=1, hi=1 << 16)
+        if self.verify == "others" and self.accept_threshold == RATIO:
+            raise ValueError(
+                "accept_threshold: 'ratio' needs verify='hidden' (the 'others' "
+                "verify judges every token on the whole rest of the draft, no order)"
+            )
+        groups = self.verify_groups
+        if groups is not None and self.verify != "hidden":
+            raise ValueError(
+                f"verify_groups: only the 'hidden' verify has groups, got "
+                f"verify={self.verify!r} with verify_groups={groups!r}"
+            )
+        if self.verify == "hidden":
+            groups = 8 if groups is None else groups
+            groups = V.integer(groups, "verify_groups", lo=1, hi=1 << 16)
         object.__setattr__(self, "verify_groups", groups)
         for name in ("verify_sure", "min_commit"):
             value = V.number(getattr(self, name), name, lo=0, hi=1)
@@ -229,7 +250,7 @@ class _Canvas:
     def run(self, state: CanvasState) -> Generator[StepView, None, CanvasResult]:
         """Steps 1-4 of the module docstring."""
         spec, policy = self.spec, self.policy
-        if spec.verify == "hidden":
+        if spec.verify != "plain":
             return (yield from self.run_hidden(state))
         # 1. draft (the drafter's stop flags are its own: the target starts unstopped)
         draft = yield from self._draft(state, spec.draft_steps)
@@ -301,9 +322,12 @@ class _Canvas:
         tokens = np.where(pins >= 0, pins, draft.tokens).astype(np.int32)
         sc = draft.state.self_conditioning
         conf = np.zeros(tokens.shape) if sc is None else _confidence(to_numpy(sc))
-        rank = draft_rank(conf, pins >= 0, self.spec.verify_groups)
+        others = self.spec.verify == "others"
+        # "others" has no order: one rank for every drafted token, -1 for pins
+        rank = draft_rank(conf, pins >= 0, 1 if others else self.spec.verify_groups)
         ids = np.concatenate([self._noise(tokens.shape), tokens], axis=1)
-        logits = self.target.decode(ids, self.cache, None, HiddenLayout(rank))
+        layout = HiddenLayout(rank, others=others)
+        logits = self.target.decode(ids, self.cache, None, layout)
         logits = np.array(to_numpy(logits), np.float32)
         if state.heal_ids is not None:  # the first position extends the prompt
             allowed = allowed_mask(state.heal_ids, logits.shape[-1], None)
@@ -312,6 +336,10 @@ class _Canvas:
         self.rounds += 1
         self.target_steps += 1
         spec = self.spec
+        if others:
+            return judge_each(
+                logits, tokens, rank, spec.accept_threshold, spec.verify_sure
+            )
         return judge(
             logits,
             tokens,

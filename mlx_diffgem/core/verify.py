@@ -111,6 +111,22 @@ def judge(
     return ids
 
 
+def judge_each(
+    logits: np.ndarray, draft: np.ndarray, rank: np.ndarray, threshold=None, sure=0.0
+) -> np.ndarray:
+    """[B, C] ids a leave-one-out verify commits (`HiddenLayout(others=True)`: each
+    token scored on the whole rest of the draft), -1 elsewhere: every drafted token
+    the model agrees with and is sure of, and where it disagrees, its own token if it
+    is sure of that; pinned ones (rank -1) always. No order: each position is
+    decided on its own, as a native pass decides every position at once."""
+    p = softmax(logits)
+    agree = agreement(logits, draft, threshold) & (prob_of(p, draft) >= sure)
+    own = p.argmax(axis=-1)
+    own_sure = prob_of(p, own) >= sure
+    ids = np.where(agree, draft, np.where(own_sure & (own != draft), own, -1))
+    return np.where(rank < 0, draft, ids)
+
+
 def _residual(p: np.ndarray, drafted: int, rng: np.random.Generator) -> int:
     """A draw from p [V] with the drafted token left out (the residual of
     speculative sampling against a point-mass proposal); p itself when that token

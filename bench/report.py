@@ -100,11 +100,21 @@ def drafter_label(rec: dict) -> str:
     d = rec.get("drafter") or {}
     if not d:
         return ""
-    from mlx_diffgem.core.speculative import SpecPolicy
+    from mlx_diffgem.core.speculative import VERIFY_OPTIONS, SpecPolicy
 
-    base = dataclasses.asdict(SpecPolicy())
     policy = rec.get("spec_policy") or {}
-    changed = [f"{k}={v}" for k, v in policy.items() if k in base and v != base[k]]
+    # records made before the verify setting had the plain verify
+    verify = policy.get("verify", "plain")
+    base = dataclasses.asdict(SpecPolicy(verify=verify))
+    base["verify"] = SpecPolicy().verify
+    unread = {
+        k for k, (verifies, _) in VERIFY_OPTIONS.items() if verify not in verifies
+    }
+    changed = [
+        f"{k}={v}"
+        for k, v in policy.items()
+        if k in base and k not in unread and v != base[k]
+    ]
     prompts = rec["settings"].get("prompts")
     return ", ".join(
         [_drafter_name(d), *changed] + ([f"{prompts} prompts"] * bool(prompts))

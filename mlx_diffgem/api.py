@@ -54,8 +54,10 @@ def load(
             drafter.
             draft_steps, refine_steps, max_rounds: integers in [1, 10000] (default
             24, 2, 8); draft_confidence, draft_entropy_bound: finite numbers > 0 or
-            None (the target's); verify_on: "argmax" or "canvas". numpy numbers
-            are accepted (see SpecPolicy).
+            None (the target's); verify and its settings (verify_on,
+            verify_groups, accept_threshold, verify_sure, min_commit), each refused
+            with a verify that does not read it. numpy numbers are accepted (see
+            SpecPolicy).
         dtype: "float32", "bfloat16" or "float16" (default: bf16 on GPU, fp32 on CPU).
         quantization: quantize on load, e.g. {"bits": 4, "group_size": 64} or "mixed".
         **backend_options: e.g. device="cuda" for the torch backend.

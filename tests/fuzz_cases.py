@@ -441,8 +441,9 @@ SPEC_CASES: list[tuple[dict[str, Any], str]] = [
     ({"draft_confidence": "0.05"}, "draft_confidence"),
     ({"draft_entropy_bound": 1e300}, "draft_entropy_bound"),
     ({"draft_entropy_bound": np.bool_(True)}, "draft_entropy_bound"),
-    ({"verify_on": "both"}, "verify_on"),
-    ({"verify_on": ["argmax"]}, "verify_on"),
+    ({"verify": "plain", "verify_on": "both"}, "verify_on"),
+    ({"verify": "plain", "verify_on": ["argmax"]}, "verify_on"),
+    ({"verify_on": "canvas"}, "verify_on"),  # the hidden verify does not read it
 ]
 
 

@@ -316,7 +316,7 @@ FAST_ERRORS = [
     (["serve", "--drafter", "self", "--accept-threshold", "1.5"], "accept_threshold"),
     (["serve", "--drafter", "self", "--accept-threshold", "rate"], "or 'ratio', got"),
     (["serve", "--drafter", "self", "--verify", "others", "--verify-groups", "4"],)
-    + ("verify_groups: only the 'hidden' verify has groups",),
+    + ("verify_groups: only applies with verify='hidden'",),
     (["serve", "--model", "."], "not a model folder"),
 ]
 

@@ -205,12 +205,39 @@ def test_hidden_options_are_checked():
         SpecPolicy(verify="others", accept_threshold="ratio")
     with pytest.raises(ValueError, match="verify_groups"):
         SpecPolicy(verify_groups=0)
-    # only the ordered verify has groups: elsewhere a given number is refused
-    assert SpecPolicy().verify_groups == 8
-    assert SpecPolicy(verify="others").verify_groups is None
-    for verify in ("others", "plain"):
-        with pytest.raises(ValueError, match="only the 'hidden' verify has groups"):
-            SpecPolicy(verify=verify, verify_groups=8)
+    # each verify setting where its verify reads it, its default where not given;
+    # given to a verify that does not read it, refused (never silently ignored)
+    hidden, others, plain = (
+        SpecPolicy(verify=v) for v in ("hidden", "others", "plain")
+    )
+    assert (hidden.verify_groups, hidden.verify_sure, hidden.min_commit) == (
+        8,
+        0.9,
+        0.1,
+    )
+    assert (others.verify_groups, others.verify_sure, others.min_commit) == (
+        None,
+        0.9,
+        0.1,
+    )
+    assert (plain.verify_on, plain.verify_sure, plain.min_commit) == (
+        "argmax",
+        None,
+        None,
+    )
+    assert hidden.verify_on is None and others.verify_on is None
+    refused = [
+        ("others", "verify_groups", 8, "verify='hidden', got verify='others'"),
+        ("plain", "verify_groups", 8, "verify='hidden', got verify='plain'"),
+        ("hidden", "verify_on", "argmax", "verify='plain', got verify='hidden'"),
+        ("others", "verify_on", "canvas", "verify='plain', got verify='others'"),
+        ("plain", "accept_threshold", 0.5, "verify='hidden' or 'others', got"),
+        ("plain", "verify_sure", 0.9, "verify='hidden' or 'others', got"),
+        ("plain", "min_commit", 0.0, "verify='hidden' or 'others', got"),
+    ]
+    for verify, name, value, said in refused:
+        with pytest.raises(ValueError, match=f"{name}: only applies with {said}"):
+            SpecPolicy(verify=verify, **{name: value})
     with pytest.raises(ValueError, match="accept_threshold"):
         SpecPolicy(accept_threshold=1.5)
     with pytest.raises(ValueError, match="verify_sure"):

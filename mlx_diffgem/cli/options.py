@@ -186,7 +186,7 @@ def add_verify(g) -> None:
         type=int,
         default=None,
         metavar="G",
-        help="with --verify hidden: groups of the drafter's confidence order, "
+        help="with --verify hidden only: groups of the drafter's confidence order, "
         "1..65536 (default 8)",
     )
     g.add_argument(
@@ -194,28 +194,30 @@ def add_verify(g) -> None:
         type=threshold,
         default=None,
         metavar="P|ratio",
-        help="with --verify hidden: keep a drafted token where the model gives it "
-        "at least P (0..1) instead of only where it is the model's argmax, which "
-        "trades quality for speed; or 'ratio': speculative sampling, keep it with "
-        "the model's probability of it and draw the model's token where it is not "
-        "kept (the text is then a sample of the model's; use with --verify-sure 0)",
+        help="with --verify hidden or others: keep a drafted token where the model "
+        "gives it at least P (0..1) instead of only where it is the model's argmax, "
+        "which trades quality for speed; or, hidden only, 'ratio': speculative "
+        "sampling, keep it with the model's probability of it and draw the model's "
+        "token where it is not kept (the text is then a sample of the model's; use "
+        "with --verify-sure 0)",
     )
     g.add_argument(
         "--verify-sure",
         type=float,
         default=None,
         metavar="P",
-        help="with --verify hidden: commit a token only where the model gives it at "
-        "least P, 0..1 (default 0.9); lower keeps more and writes worse text",
+        help="with --verify hidden or others: commit a token only where the model "
+        "gives it at least P, 0..1 (default 0.9); lower keeps more and writes worse "
+        "text",
     )
     g.add_argument(
         "--min-commit",
         type=float,
         default=None,
         metavar="S",
-        help="with --verify hidden: where a verify commits less than this share of "
-        "the open positions, stop drafting and let the model finish natively, 0..1 "
-        "(default 0.1; 0: never)",
+        help="with --verify hidden or others: where a verify commits less than this "
+        "share of the open positions, stop drafting and let the model finish "
+        "natively, 0..1 (default 0.1; 0: never)",
     )
 
 

@@ -65,6 +65,15 @@ from .noise import NoiseSource, SeededNoise
 from .verify import RATIO, draft_rank, judge, judge_each
 
 VERIFIES = ("plain", "hidden", "others")
+# The verify settings, the verifies that read each and its default there: a setting
+# given with a verify that has no use for it is refused, not ignored.
+VERIFY_OPTIONS = {
+    "verify_on": (("plain",), "argmax"),
+    "verify_groups": (("hidden",), 8),
+    "accept_threshold": (("hidden", "others"), None),
+    "verify_sure": (("hidden", "others"), 0.9),
+    "min_commit": (("hidden", "others"), 0.1),
+}
 
 
 @dataclass(frozen=True)
@@ -81,16 +90,19 @@ class SpecPolicy:
             finite number > 0, or None: the target's confidence_threshold.
         draft_entropy_bound: the drafter's entropy bound, a finite number > 0, or
             None: the target's entropy_bound.
-        verify_on: "argmax" or "canvas" (plain verify only).
         verify: "hidden" (default), "others" or "plain".
-        verify_groups: hidden verify's groups, an integer in [1, 65536], or None:
-            8 with verify="hidden" (the other verifies have no groups and refuse one).
-        accept_threshold: hidden verify's acceptance, None (the model's argmax),
-            a number in [0, 1] or "ratio" (speculative sampling).
-        verify_sure: hidden verify: the model's least probability of a token it
-            commits, in [0, 1] (0.9).
-        min_commit: hidden verify: the least share of the open positions a verify
-            must commit for the loop to go on, in [0, 1] (0.1; 0: never stop early).
+        verify_on: plain verify only: "argmax" (default) or "canvas".
+        verify_groups: hidden verify only: its groups, an integer in [1, 65536] (8).
+        accept_threshold: hidden and others: the acceptance, None (the model's
+            argmax), a number in [0, 1] or, hidden only, "ratio" (speculative
+            sampling).
+        verify_sure: hidden and others: the model's least probability of a token
+            it commits, in [0, 1] (0.9).
+        min_commit: hidden and others: the least share of the open positions a
+            verify must commit for the loop to go on, in [0, 1] (0.1; 0: never
+            stop early).
+    A verify setting left None takes its verify's default; one given with a verify
+    that does not read it is refused (VERIFY_OPTIONS).
     Python or numpy numbers are accepted (numpy ones become Python ones); bools,
     strings, NaN and infinities are refused with a ValueError naming the option.
     """
@@ -110,7 +122,7 @@ class SpecPolicy:
     draft_entropy_bound: float | None = None
     # What a verify pass reads: "argmax", the drafter's argmax canvas (the draft
     # itself, clean), or "canvas", its renoised next input (what a native pass reads).
-    verify_on: str = "argmax"
+    verify_on: str | None = None
     # "hidden" (the default: the model decides the text): the hidden-token verify.
     # "plain": one pass over the clean draft, which keeps 91-100% of any draft (the
     # model copies plausible tokens it can see), so the drafter decides the text;
@@ -136,14 +148,14 @@ class SpecPolicy:
     # this probability. Lower commits more tokens the model merely finds likeliest
     # given little context: 0 on the embedded model parsed 10% against 38% natively
     # (40 prompts), 0.5 and 0.9 45% and 50% (20 prompts; native 20% on those).
-    verify_sure: float = 0.9
+    verify_sure: float | None = None
     # hidden verify: where a verify commits less than this share of what was still
     # open, the drafts are not worth their passes: the model finishes natively at
     # once (a canvas then costs about a native one, plus the first draft and verify).
     # On the embedded model the first verify commits under 10%: 0.1 took speculative
     # decoding from x0.52 to x0.81 of native speed, parse rate 35% -> 41% (40
     # prompts; 0 ran all 8 verifies and then the whole native finish anyway).
-    min_commit: float = 0.1
+    min_commit: float | None = None
 
     def __post_init__(self) -> None:
         # Upper bounds, so that no option can hang a call (the denoise loop builds
@@ -151,31 +163,26 @@ class SpecPolicy:
         for name in ("draft_steps", "refine_steps", "max_rounds"):
             value = V.integer(getattr(self, name), name, lo=1, hi=MAX_DENOISING_STEPS)
             object.__setattr__(self, name, value)
-        on = self.verify_on
-        if not isinstance(on, str) or on not in ("argmax", "canvas"):
-            raise ValueError(f"verify_on: expected 'argmax' or 'canvas', got {on!r}")
         if not isinstance(self.verify, str) or self.verify not in VERIFIES:
             raise ValueError(
                 f"verify: expected 'plain', 'hidden' or 'others', got {self.verify!r}"
             )
+        self._verify_defaults()
+        on = self.verify_on
+        if on is not None and on not in ("argmax", "canvas"):
+            raise ValueError(f"verify_on: expected 'argmax' or 'canvas', got {on!r}")
         if self.verify == "others" and self.accept_threshold == RATIO:
             raise ValueError(
                 "accept_threshold: 'ratio' needs verify='hidden' (the 'others' "
                 "verify judges every token on the whole rest of the draft, no order)"
             )
-        groups = self.verify_groups
-        if groups is not None and self.verify != "hidden":
-            raise ValueError(
-                f"verify_groups: only the 'hidden' verify has groups, got "
-                f"verify={self.verify!r} with verify_groups={groups!r}"
-            )
-        if self.verify == "hidden":
-            groups = 8 if groups is None else groups
-            groups = V.integer(groups, "verify_groups", lo=1, hi=1 << 16)
-        object.__setattr__(self, "verify_groups", groups)
+        if self.verify_groups is not None:
+            groups = V.integer(self.verify_groups, "verify_groups", lo=1, hi=1 << 16)
+            object.__setattr__(self, "verify_groups", groups)
         for name in ("verify_sure", "min_commit"):
-            value = V.number(getattr(self, name), name, lo=0, hi=1)
-            object.__setattr__(self, name, value)
+            if getattr(self, name) is not None:
+                value = V.number(getattr(self, name), name, lo=0, hi=1)
+                object.__setattr__(self, name, value)
         t = self.accept_threshold
         if t is not None and t != RATIO:
             if isinstance(t, str):
@@ -190,6 +197,21 @@ class SpecPolicy:
             if c is not None:
                 c = V.number(c, name, lo=0, lo_open=True)
                 object.__setattr__(self, name, c)
+
+    def _verify_defaults(self) -> None:
+        """Each verify setting: refused where this verify does not read it, its
+        default where it does and none was given."""
+        for name, (verifies, default) in VERIFY_OPTIONS.items():
+            value = getattr(self, name)
+            if self.verify not in verifies:
+                if value is not None:
+                    which = " or ".join(repr(v) for v in verifies)
+                    raise ValueError(
+                        f"{name}: only applies with verify={which}, got "
+                        f"verify={self.verify!r}"
+                    )
+            elif value is None:
+                object.__setattr__(self, name, default)
 
     @classmethod
     def from_options(

@@ -443,6 +443,7 @@ SPEC_CASES: list[tuple[dict[str, Any], str]] = [
     ({"draft_entropy_bound": np.bool_(True)}, "draft_entropy_bound"),
     ({"verify": "plain", "verify_on": "both"}, "verify_on"),
     ({"verify": "plain", "verify_on": ["argmax"]}, "verify_on"),
+    ({"verify": "plain", "verify_on": np.array(["argmax", "canvas"])}, "verify_on"),
     ({"verify_on": "canvas"}, "verify_on"),  # the hidden verify does not read it
 ]
 

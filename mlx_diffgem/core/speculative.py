@@ -169,7 +169,9 @@ class SpecPolicy:
             )
         self._verify_defaults()
         on = self.verify_on
-        if on is not None and on not in ("argmax", "canvas"):
+        if on is not None and (
+            not isinstance(on, str) or on not in ("argmax", "canvas")
+        ):
             raise ValueError(f"verify_on: expected 'argmax' or 'canvas', got {on!r}")
         if self.verify == "others" and self.accept_threshold == RATIO:
             raise ValueError(

@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--unseen", nargs="*", default=[], metavar="PKG", help="unseen packages"
     )
     a = p.parse_args(argv)
+    from . import record as rec
+
+    rec.pin_git()
     record = run(a)
     if a.card:
         update_card(a.card, record)

@@ -90,8 +90,23 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+_PINNED: dict[str, Any] | None = None  # the code's state at the run's start
+
+
+def pin_git() -> None:
+    """Read the code's state now, at a run's start: records are written at its end,
+    an hour or more later, and must name the code that ran, not what the tree holds
+    by then. Every later `git()` of this process returns this."""
+    global _PINNED
+    _PINNED = None
+    _PINNED = git()
+
+
 def git() -> dict[str, Any]:
-    """The commit and whether tracked files differ from it (a hash of the diff)."""
+    """The commit and whether tracked files differ from it (a hash of the diff), as
+    pinned at the run's start (`pin_git`), else as the tree is now."""
+    if _PINNED is not None:
+        return dict(_PINNED)
     diff = _run("git", "diff", "HEAD")
     return {
         "sha": _run("git", "rev-parse", "HEAD") or None,

@@ -542,6 +542,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench.run") -
     args = p.parse_args(argv)
     _check(p, args)
     _set_threads(args.threads)
+    from . import record
+
+    record.pin_git()
     try:
         rec = run(args)
     except (NotImplementedError, ValueError) as e:

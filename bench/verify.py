@@ -223,11 +223,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     a = p.parse_args(argv)
     if not 0 < a.share < 1 or a.prompts < 1:
         p.error("--share: expected 0 < share < 1; --prompts: at least 1")
+    from . import record
+
+    record.pin_git()
     rec = run(a)
     print(table(rec))
     if a.out:
-        from . import record
-
         print(f"wrote {record.write(rec, a.out)}", file=sys.stderr)
     return 0
 

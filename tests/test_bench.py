@@ -71,6 +71,26 @@ def test_step_record_has_the_required_keys(tmp_path, backend):
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_a_record_names_the_code_as_it_was_when_the_run_started(monkeypatch):
+    """Records are written at a run's end: what the tree holds by then (a commit, an
+    edit made meanwhile) is not the code that ran."""
+    from bench import record
+
+    tree = {"rev-parse": "a" * 40, "status": "", "diff": "", "ls-files": ""}
+    monkeypatch.setattr(record, "_run", lambda *cmd: tree[cmd[1]])
+    monkeypatch.setattr(record, "_PINNED", None)
+    record.pin_git()
+    tree.update({"rev-parse": "b" * 40, "status": " M bench/run.py", "diff": "+x"})
+    assert record.git() == {
+        "sha": "a" * 40,
+        "dirty": False,
+        "diff_sha256": None,
+        "untracked_code": [],
+    }
+    monkeypatch.setattr(record, "_PINNED", None)  # not pinned: the tree as it is now
+    assert record.git()["sha"] == "b" * 40 and record.git()["dirty"]
+
+
 def test_step_record_counts_the_loop_paths_host_reads(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFGEM_EXPERT_GEMM", "loop")
     rec = _run(

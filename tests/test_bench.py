@@ -70,7 +70,6 @@ def test_step_record_has_the_required_keys(tmp_path, backend):
         )
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_a_record_names_the_code_as_it_was_when_the_run_started(monkeypatch):
     """Records are written at a run's end: what the tree holds by then (a commit, an
     edit made meanwhile) is not the code that ran."""
@@ -91,6 +90,7 @@ def test_a_record_names_the_code_as_it_was_when_the_run_started(monkeypatch):
     assert record.git()["sha"] == "b" * 40 and record.git()["dirty"]
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_step_record_counts_the_loop_paths_host_reads(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFGEM_EXPERT_GEMM", "loop")
     rec = _run(

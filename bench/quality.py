@@ -255,7 +255,8 @@ def unseen_prompts(names: list[str], trained: set[str], n: int, seed: int) -> tu
         if normalize(name) in trained:
             raise ValueError(f"--unseen {name}: the model was trained on it")
     texts = corpus.extra_texts(names, [])
-    versions = {k: importlib.metadata.version(k) for k in names}
+    dists = importlib.metadata.packages_distributions()  # import name -> dist
+    versions = {k: importlib.metadata.version(dists.get(k, [k])[0]) for k in names}
     pool = [t for name in names for t in texts[name]]
     return function_prompts(pool, n, seed), versions
 

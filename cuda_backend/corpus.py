@@ -12,11 +12,11 @@ codec tables), pydoc_data/ (one huge docs string), config-*/ and the machine-spe
 `_sysconfigdata*` files, and any file that is not UTF-8.
 
 More training data (`--extra numpy jinja2 ...`): the `.py` sources and shipped `.pyi`
-stubs of installed packages among the project's declared dependencies, with the same
-exclusions, go into the train split only; a file whose text equals a held-out stdlib
-file's (a vendored copy) is dropped. `--stdlib-weight 2` packs the stdlib train split
-twice, so the evaluation domain keeps its share next to the extra sources. The
-held-out split stays the stdlib's alone.
+stubs (`--no-stubs`: the sources alone) of installed packages among the project's
+declared dependencies, with the same exclusions, go into the train split only; a file
+whose text equals a held-out stdlib file's (a vendored copy) is dropped.
+`--stdlib-weight 2` packs the stdlib train split twice, so the evaluation domain keeps
+its share next to the extra sources. The held-out split stays the stdlib's alone.
 
 Sources from the package index (`--wheels runs/wheels`): permissively licensed
 wheels, read and checked by `cuda_backend/wheels.py` (licence recorded in meta.json,
@@ -88,9 +88,11 @@ def package_root(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def extra_texts(names: Iterable[str], held_texts: list[str]) -> dict[str, list[str]]:
+def extra_texts(
+    names: Iterable[str], held_texts: list[str], suffixes=(".py", ".pyi")
+) -> dict[str, list[str]]:
     """{package: texts} of the `.py`/`.pyi` files of each package (test folders and
-    copies of held-out stdlib files left out)."""
+    copies of held-out stdlib files left out); `suffixes` (".py",) drops the stubs."""
     from cuda_backend.wheels import is_reserved
 
     held = {hashlib.sha256(t.encode()).digest() for t in held_texts}
@@ -99,7 +101,7 @@ def extra_texts(names: Iterable[str], held_texts: list[str]) -> dict[str, list[s
         if is_reserved(name):
             raise ValueError(f"--extra {name}: reserved for evaluation (issue 23)")
         root = package_root(name)
-        texts = read_texts(root, source_files(root, (".py", ".pyi")))
+        texts = read_texts(root, source_files(root, tuple(suffixes)))
         out[name] = [
             t for t in texts if hashlib.sha256(t.encode()).digest() not in held
         ]
@@ -193,11 +195,13 @@ def build(
     extra: Iterable[str] = (),
     stdlib_weight: int = 1,
     wheels: str | Path | None = None,
+    stubs: bool = True,
 ) -> dict:
     """Write tokenizer files, train.npy, heldout.npy and meta.json to `out`.
 
     `tokenizer` (a tokenizer.json) is used as is instead of training one: a run that
     continues a shipped model must encode the corpus with that model's tokenizer.
+    `stubs=False` leaves out the packages' `.pyi` files (see `main`'s --no-stubs).
     """
     root = stdlib_root() if root is None else Path(root)
     out = Path(out)
@@ -210,9 +214,10 @@ def build(
 
         tok = Tokenizer.from_file(str(tokenizer))
     save_tokenizer(tok, out)
-    extras = extra_texts(extra, held_texts)
+    suffixes = (".py", ".pyi") if stubs else (".py",)
+    extras = extra_texts(extra, held_texts, suffixes)
     more = [t for texts in extras.values() for t in texts]
-    index = _index_sources(wheels, held_texts + more)
+    index = _index_sources(wheels, held_texts + more, suffixes)
     more += [t for src in index.values() for t in src.texts]
     streams = {
         "train": pack(tok, train_texts * stdlib_weight + more),
@@ -230,6 +235,7 @@ def build(
         "train_bytes": stdlib_weight * sum(len(t.encode()) for t in train_texts)
         + sum(len(t.encode()) for t in more),
         "stdlib_weight": stdlib_weight,
+        "stubs": stubs,
         **_sources_meta(extras, index),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -259,7 +265,7 @@ def _sources_meta(extras: dict, index: dict) -> dict:
     }
 
 
-def _index_sources(folder, earlier: list[str]) -> dict:
+def _index_sources(folder, earlier: list[str], suffixes) -> dict:
     """Wheels from the package index (cuda_backend/wheels.py), texts seen earlier
     (held-out and installed-package ones) dropped, at most 1.5 MB per package."""
     if folder is None:
@@ -267,7 +273,7 @@ def _index_sources(folder, earlier: list[str]) -> dict:
     from cuda_backend import wheels
 
     seen = {hashlib.sha256(t.encode()).digest() for t in earlier}
-    return wheels.wheel_sources(folder, seen, max_bytes=1_500_000)
+    return wheels.wheel_sources(folder, seen, 1_500_000, suffixes)
 
 
 def _version(name: str) -> str:
@@ -293,6 +299,12 @@ def main(argv: list[str] | None = None) -> None:
         "--wheels",
         help="a folder of downloaded wheels to add (cuda_backend/wheels.txt)",
     )
+    ap.add_argument(
+        "--no-stubs",
+        action="store_true",
+        help="leave out the packages' .pyi stubs (bodies of `...`: a model trained on "
+        "them ends annotated headers with ` ...` instead of a body)",
+    )
     args = ap.parse_args(argv)
     if args.stdlib_weight < 1:
         ap.error(f"--stdlib-weight: expected an integer >= 1, got {args.stdlib_weight}")
@@ -304,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         extra=args.extra,
         stdlib_weight=args.stdlib_weight,
         wheels=args.wheels,
+        stubs=not args.no_stubs,
     )
     print(
         f"{len(meta['train_files'])} train files ({meta['train_tokens']:,} tokens, "

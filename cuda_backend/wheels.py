@@ -78,20 +78,25 @@ def is_permissive(licence: str) -> bool:
     return bool(PERMISSIVE.search(licence)) and not COPYLEFT.search(licence)
 
 
-def _kept(member: str) -> bool:
+SOURCES = (".py", ".pyi")
+
+
+def _kept(member: str, suffixes: tuple[str, ...] = SOURCES) -> bool:
     parts = member.split("/")
-    if not member.endswith((".py", ".pyi")) or ".dist-info" in parts[0]:
+    if not member.endswith(suffixes) or ".dist-info" in parts[0]:
         return False
     return not any(p in VENDOR_DIRS or p in TEST_DIRS for p in parts[:-1])
 
 
-def read_wheel(path: str | Path) -> WheelSource:
-    """The wheel's name, version, licence and Python texts (UTF-8 only, sorted)."""
+def read_wheel(path: str | Path, suffixes: tuple[str, ...] = SOURCES) -> WheelSource:
+    """The wheel's name, version, licence and Python texts (UTF-8 only, sorted);
+    `suffixes` (".py",) leaves out `.pyi` stubs."""
     with zipfile.ZipFile(path) as z:
         info = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         meta = HeaderParser().parsestr(z.read(info).decode("utf-8", "replace"))
         texts = []
-        for member in sorted(filter(_kept, z.namelist())):
+        members = [m for m in z.namelist() if _kept(m, suffixes)]
+        for member in sorted(members):
             try:
                 texts.append(z.read(member).decode("utf-8"))
             except UnicodeDecodeError:
@@ -100,7 +105,10 @@ def read_wheel(path: str | Path) -> WheelSource:
 
 
 def wheel_sources(
-    folder: str | Path, seen: set[bytes], max_bytes: int
+    folder: str | Path,
+    seen: set[bytes],
+    max_bytes: int,
+    suffixes: tuple[str, ...] = SOURCES,
 ) -> dict[str, WheelSource]:
     """{name: source} for every wheel in `folder`; refuses reserved or copyleft ones.
 
@@ -109,7 +117,7 @@ def wheel_sources(
     """
     out = {}
     for path in sorted(Path(folder).glob("*.whl")):
-        src = read_wheel(path)
+        src = read_wheel(path, suffixes)
         if is_reserved(src.name):
             raise ValueError(f"{path}: {src.name} is reserved for evaluation")
         if not is_permissive(src.licence):

@@ -186,10 +186,18 @@ def _start(a: DistillArgs, spec: DrafterSpec) -> Adapter:
             f"--init {folder}: its design ({_design(have)}) differs from the "
             f"flags' ({_design(spec)})"
         )
-    if have.target and have.target != spec.target:
-        raise ValueError(f"--init {folder}: it was made for another model")
+    if have.target and _shape(have.target) != _shape(spec.target):
+        raise ValueError(f"--init {folder}: it was made for a model of another shape")
+    if have.target and have.target.get("weights") != (spec.target or {}).get("weights"):
+        # same shape, other weights (a continued model): a start, re-distilled here
+        print(f"--init {folder}: made for other weights of this shape; distilling anew")
     adapter = load_adapter(folder, have, "torch", torch.float32)
     return adapter.train().requires_grad_(True)
+
+
+def _shape(target: dict | None) -> dict:
+    """A target fingerprint without its weights hash: the model's shape."""
+    return {k: v for k, v in (target or {}).items() if k != "weights"}
 
 
 def _design(s: DrafterSpec) -> str:

@@ -284,6 +284,28 @@ def test_distill_starts_from_a_trained_drafter(tmp_path):
         distill(
             DistillArgs(out=str(tmp_path / "b"), init=str(first), resume=True, **kw)
         )
+    # a continued model (same shape, other weights) is a start to distil anew from
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    moved = shutil.copytree(default_model_path(), tmp_path / "continued")
+    weights = load_file(moved / "model.safetensors")
+    weights = {k: v * np.float32(1.01) for k, v in weights.items()}
+    save_file(weights, moved / "model.safetensors", metadata={"format": "pt"})
+    again = distill(
+        DistillArgs(
+            out=str(tmp_path / "d"), steps=0, init=str(first), target=str(moved), **kw
+        )
+    )
+    made = json.loads((again / CONFIG).read_text())["target"]["weights"]
+    assert made == weights_hash(moved, (0, 5))
+    # a model of another shape is not
+    config = json.loads((first / CONFIG).read_text())
+    config["target"]["vocab_size"] += 1
+    (first / CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="a model of another shape"):
+        distill(DistillArgs(out=str(tmp_path / "e"), init=str(first), **kw))
 
 
 @needs_torch

@@ -97,6 +97,26 @@ def test_corpus_records_wheels_and_their_licences(tmp_path):
     assert json.loads((tmp_path / "c" / "meta.json").read_text())["wheels"]
 
 
+def test_stubs_can_be_left_out(tmp_path):
+    # .pyi bodies are `...`: a model trained on many of them ends annotated headers
+    # with ` ...` instead of a body (issue 23), so a corpus can leave them out
+    stub = "def f(x: int) -> int: ...\n"
+    files = {"pkg/__init__.py": "x = 1\n", "pkg/core.pyi": stub}
+    path = make_wheel(tmp_path, "pkg", files=files)
+    assert stub in wheels.read_wheel(path).texts
+    assert wheels.read_wheel(path, (".py",)).texts == ("x = 1\n",)
+    root = tmp_path / "lib"
+    root.mkdir()
+    for i in range(30):
+        (root / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    for stubs, files in ((True, 2), (False, 1)):
+        out = tmp_path / f"c{stubs}"
+        meta = corpus.build(
+            out, root=root, vocab_size=300, wheels=tmp_path, stubs=stubs
+        )
+        assert meta["stubs"] is stubs and meta["wheels"]["pkg"]["files"] == files
+
+
 def test_the_listed_wheels_are_allowed():
     from pathlib import Path
 
@@ -116,3 +136,14 @@ def test_unseen_refuses_what_the_model_trained_on(tmp_path):
         quality.unseen_prompts(["tqdm"], trained, 4, 0)
     with pytest.raises(ValueError, match="--unseen idna: reserved"):
         quality.unseen_prompts(["idna"], trained, 4, 0)
+
+
+def test_unseen_packages_by_import_name():
+    # PyYAML is imported as `yaml` (installed with transformers): the record names
+    # the distribution's version, found through the import name
+    from importlib.metadata import version
+
+    from bench import quality
+
+    prompts, versions = quality.unseen_prompts(["yaml"], set(), 3, 0)
+    assert len(prompts) == 3 and versions == {"yaml": version("PyYAML")}

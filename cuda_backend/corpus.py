@@ -34,6 +34,7 @@ import hashlib
 import json
 import sysconfig
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -186,22 +187,34 @@ def pack(tok, texts: list[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
 
 
+@dataclass(frozen=True)
+class Sources:
+    """What goes into the train split next to the stdlib's own: installed packages
+    (`extra`), a folder of wheels, how many stdlib copies, and whether `.pyi` stubs
+    come with the packages."""
+
+    extra: tuple[str, ...] = ()
+    wheels: str | Path | None = None
+    stdlib_weight: int = 1
+    stubs: bool = True
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return (".py", ".pyi") if self.stubs else (".py",)
+
+
 def build(
     out: str | Path,
     root: Path | None = None,
     vocab_size: int = 4096,
     percent: int = HELD_OUT_PERCENT,
     tokenizer: str | Path | None = None,
-    extra: Iterable[str] = (),
-    stdlib_weight: int = 1,
-    wheels: str | Path | None = None,
-    stubs: bool = True,
+    sources: Sources = Sources(),
 ) -> dict:
     """Write tokenizer files, train.npy, heldout.npy and meta.json to `out`.
 
     `tokenizer` (a tokenizer.json) is used as is instead of training one: a run that
     continues a shipped model must encode the corpus with that model's tokenizer.
-    `stubs=False` leaves out the packages' `.pyi` files (see `main`'s --no-stubs).
     """
     root = stdlib_root() if root is None else Path(root)
     out = Path(out)
@@ -214,15 +227,12 @@ def build(
 
         tok = Tokenizer.from_file(str(tokenizer))
     save_tokenizer(tok, out)
-    suffixes = (".py", ".pyi") if stubs else (".py",)
-    extras = extra_texts(extra, held_texts, suffixes)
+    extras = extra_texts(sources.extra, held_texts, sources.suffixes)
     more = [t for texts in extras.values() for t in texts]
-    index = _index_sources(wheels, held_texts + more, suffixes)
+    index = _index_sources(sources.wheels, held_texts + more, sources.suffixes)
     more += [t for src in index.values() for t in src.texts]
-    streams = {
-        "train": pack(tok, train_texts * stdlib_weight + more),
-        "heldout": pack(tok, held_texts),
-    }
+    stdlib = train_texts * sources.stdlib_weight
+    streams = {"train": pack(tok, stdlib + more), "heldout": pack(tok, held_texts)}
     for name, ids in streams.items():
         np.save(out / f"{name}.npy", ids)
     meta = {
@@ -232,10 +242,9 @@ def build(
         "heldout_files": [f.as_posix() for f in held],
         "train_tokens": int(streams["train"].size),
         "heldout_tokens": int(streams["heldout"].size),
-        "train_bytes": stdlib_weight * sum(len(t.encode()) for t in train_texts)
-        + sum(len(t.encode()) for t in more),
-        "stdlib_weight": stdlib_weight,
-        "stubs": stubs,
+        "train_bytes": sum(len(t.encode()) for t in stdlib + more),
+        "stdlib_weight": sources.stdlib_weight,
+        "stubs": sources.stubs,
         **_sources_meta(extras, index),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -313,10 +322,9 @@ def main(argv: list[str] | None = None) -> None:
         vocab_size=args.vocab_size,
         percent=args.held_out_percent,
         tokenizer=args.tokenizer,
-        extra=args.extra,
-        stdlib_weight=args.stdlib_weight,
-        wheels=args.wheels,
-        stubs=not args.no_stubs,
+        sources=Sources(
+            tuple(args.extra), args.wheels, args.stdlib_weight, not args.no_stubs
+        ),
     )
     print(
         f"{len(meta['train_files'])} train files ({meta['train_tokens']:,} tokens, "

@@ -4,9 +4,13 @@
 # Nothing is downloaded there: the corpus travels compressed, the model comes back in
 # parts of at most 15 MiB (the device tool returns 8 files of 16 MiB at most).
 #
-# Here, once (a 21M-token corpus is ~9 MB in xz):
-#   python -m cuda_backend.corpus --out runs/corpus3 ...   # or an existing corpus
-#   tar -cJf runs/corpus.tar.xz -C runs corpus3
+# Here, once (a 20M-token corpus is ~9 MB in xz; the wheels as in cuda_backend/wheels.py;
+# --no-stubs: .pyi stubs teach a model to end annotated headers with ` ...`):
+#   python -m cuda_backend.corpus --out runs/corpus4 --no-stubs --stdlib-weight 2 \
+#     --tokenizer mlx_diffgem/assets/default/tokenizer.json --wheels runs/wheels \
+#     --extra numpy matplotlib mlx_lm huggingface_hub _pytest mlx tqdm jinja2 \
+#             tokenizers safetensors
+#   tar -cJf runs/corpus.tar.xz -C runs corpus4
 # On the GPU (device tool, carry ["runs/corpus.tar.xz"], timeout 600):
 #   bash cuda_backend/train_device.sh
 # Back here, the exported model (best held-out loss, bf16) and the training log:

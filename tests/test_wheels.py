@@ -85,7 +85,8 @@ def test_corpus_records_wheels_and_their_licences(tmp_path):
     folder = tmp_path / "wheels"
     folder.mkdir()
     make_wheel(folder, "tiny_pkg", licence="BSD-3-Clause")
-    meta = corpus.build(tmp_path / "c", root=root, vocab_size=300, wheels=folder)
+    sources = corpus.Sources(wheels=folder)
+    meta = corpus.build(tmp_path / "c", root=root, vocab_size=300, sources=sources)
     assert meta["wheels"] == {
         "tiny-pkg": {
             "version": "1.0",
@@ -111,9 +112,8 @@ def test_stubs_can_be_left_out(tmp_path):
         (root / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
     for stubs, files in ((True, 2), (False, 1)):
         out = tmp_path / f"c{stubs}"
-        meta = corpus.build(
-            out, root=root, vocab_size=300, wheels=tmp_path, stubs=stubs
-        )
+        sources = corpus.Sources(wheels=tmp_path, stubs=stubs)
+        meta = corpus.build(out, root=root, vocab_size=300, sources=sources)
         assert meta["stubs"] is stubs and meta["wheels"]["pkg"]["files"] == files
 
 

@@ -828,7 +828,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def export(
     run: str | Path, dest: str | Path, dtype: str = "float32", which: str = "last"
 ) -> Path:
-    """Write the run's `which` checkpoint (last or best) as a Hugging Face folder."""
+    """Write the run's `which` checkpoint (last or best) as a Hugging Face folder,
+    with the sampler settings of the model it continued (`--init`), if it has them,
+    else the release's."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
@@ -846,11 +848,19 @@ def export(
     dest.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     (dest / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    gen = json.dumps(GENERATION, indent=2) + "\n"
-    (dest / "generation_config.json").write_text(gen)
+    (dest / "generation_config.json").write_text(_sampler(blob["args"]))
     corpus.save_tokenizer(Tokenizer.from_file(str(run / "tokenizer.json")), dest)
     check_checkpoint(dest, ModelConfig.from_dict(raw))
     return dest
+
+
+def _sampler(args: dict) -> str:
+    """generation_config.json of an export: a continued model keeps the settings
+    chosen for it (the release's make a small model run every canvas to the cap)."""
+    init = Path(args.get("init") or "") / "generation_config.json"
+    if args.get("init") and init.is_file():
+        return init.read_text()
+    return json.dumps(GENERATION, indent=2) + "\n"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -358,6 +358,15 @@ def test_init_continues_an_exported_model(exported, corpus_dir, tmp_path, torch_
     assert blob["config"] == json.loads((exported / "config.json").read_text())
     for k, v in state.items():  # lr 0: one step leaves the loaded weights as they are
         assert torch_mod.equal(blob["model"][k], v), k
+    # the export keeps the sampler settings of the model it continued
+    gen = json.loads((exported / "generation_config.json").read_text())
+    sampler = dict(gen, t_max=0.375, t_min=0.1)
+    (exported / "generation_config.json").write_text(json.dumps(sampler))
+    try:
+        again = train.export(tmp_path / "init", tmp_path / "again")
+        assert json.loads((again / "generation_config.json").read_text()) == sampler
+    finally:
+        (exported / "generation_config.json").write_text(json.dumps(gen))
 
     other = tmp_path / "other"
     corpus.save_tokenizer(corpus.train_tokenizer(["zzz yyy"] * 50, 270), other)

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cuda_backend.wheels import SOURCES  # .py and .pyi, as a wheel's files are read
+
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 # Reserved for the vision ids that config.json must name: never produced from text.
 IMAGE_TOKENS = ["<|image>", "<|image|>", "<image|>"]
@@ -90,7 +92,7 @@ def package_root(name: str) -> Path:
 
 
 def extra_texts(
-    names: Iterable[str], held_texts: list[str], suffixes=(".py", ".pyi")
+    names: Iterable[str], held_texts: list[str], suffixes: tuple[str, ...] = SOURCES
 ) -> dict[str, list[str]]:
     """{package: texts} of the `.py`/`.pyi` files of each package (test folders and
     copies of held-out stdlib files left out); `suffixes` (".py",) drops the stubs."""
@@ -102,7 +104,7 @@ def extra_texts(
         if is_reserved(name):
             raise ValueError(f"--extra {name}: reserved for evaluation (issue 23)")
         root = package_root(name)
-        texts = read_texts(root, source_files(root, tuple(suffixes)))
+        texts = read_texts(root, source_files(root, suffixes))
         out[name] = [
             t for t in texts if hashlib.sha256(t.encode()).digest() not in held
         ]
@@ -200,7 +202,7 @@ class Sources:
 
     @property
     def suffixes(self) -> tuple[str, ...]:
-        return (".py", ".pyi") if self.stubs else (".py",)
+        return SOURCES if self.stubs else (".py",)
 
 
 def build(

@@ -857,9 +857,10 @@ def export(
 def _sampler(args: dict) -> str:
     """generation_config.json of an export: a continued model keeps the settings
     chosen for it (the release's make a small model run every canvas to the cap)."""
-    init = Path(args.get("init") or "") / "generation_config.json"
-    if args.get("init") and init.is_file():
-        return init.read_text()
+    init = args.get("init")
+    path = Path(init) / "generation_config.json" if init else None
+    if path is not None and path.is_file():
+        return path.read_text()
     return json.dumps(GENERATION, indent=2) + "\n"
 
 

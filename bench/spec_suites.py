@@ -99,7 +99,7 @@ def spec_policy(args: argparse.Namespace, defaults: dict | None = None) -> Any:
         "min_commit": args.spec_min_commit,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    return SpecPolicy(**{**(defaults or {}), **given})
+    return SpecPolicy(**SpecPolicy.over(defaults or {}, given))
 
 
 def _spec_load(args: argparse.Namespace) -> tuple[Any, Any, Path]:

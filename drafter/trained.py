@@ -134,7 +134,8 @@ class DrafterSpec:
     head_vocab: int | None = None
     target: dict | None = None
     # SpecPolicy settings this drafter is meant to run with (what api.load uses
-    # where the caller gives none), e.g. {"draft_steps": 8}: None, none.
+    # where the caller gives none, SpecPolicy.over), e.g. {"draft_steps": 8}:
+    # None, none.
     speculative: dict | None = None
 
     def plan(

@@ -50,8 +50,9 @@ def load(
             when it was made for another model). None: native decoding.
         speculative: a SpecPolicy, or a dict of its fields that go over the
             settings a trained drafter recommends (its drafter_config.json's
-            "speculative", e.g. draft_steps 8 for the shipped one); only with a
-            drafter.
+            "speculative", e.g. draft_steps 8, verify "others", verify_sure 0.98
+            for the shipped one; where the dict picks another verify, the
+            drafter's settings for its own are dropped); only with a drafter.
             draft_steps, refine_steps, max_rounds: integers in [1, 10000] (default
             24, 2, 8); draft_confidence, draft_entropy_bound: finite numbers > 0 or
             None (the target's); verify and its settings (verify_on,
@@ -87,7 +88,7 @@ def _spec_policy(
         return spec
     if spec is not None and not isinstance(spec, dict):
         raise ValueError("speculative: expected a SpecPolicy or a dict of its fields")
-    return SpecPolicy.from_options({**(defaults or {}), **(spec or {})})
+    return SpecPolicy.from_options(SpecPolicy.over(defaults or {}, spec or {}))
 
 
 def _prompt_ids(

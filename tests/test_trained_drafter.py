@@ -171,6 +171,18 @@ def test_a_drafter_recommends_its_speculative_settings(tiny_path, tmp_path):
     assert (mixed.draft_steps, mixed.max_rounds) == (5, 2)
     assert policy(SpecPolicy()) == SpecPolicy()
     assert policy(drafter="self") == SpecPolicy()  # only trained drafters recommend
+    # a recommended verify's settings go with that verify: kept under it, dropped
+    # (not refused) where the caller picks another
+    sure = {"draft_steps": 5, "verify": "others", "verify_sure": 0.98}
+    spec = dataclasses.replace(spec, speculative=sure)
+    sure_folder = str(save(tmp_path / "s", spec, _random_weights(spec)))
+    mine = policy({"min_commit": 0.2}, sure_folder)
+    assert (mine.verify, mine.verify_sure, mine.min_commit) == ("others", 0.98, 0.2)
+    plain = policy({"verify": "plain"}, sure_folder)
+    assert (plain.verify, plain.verify_sure, plain.draft_steps) == ("plain", None, 5)
+    assert policy({"verify": "hidden"}, sure_folder).verify_sure == 0.9
+    mixed = policy({"verify": "others", "verify_sure": 0.5}, sure_folder)
+    assert mixed.verify_sure == 0.5
     for bad, message in [
         ({"draft_step": 8}, "speculative: unknown option 'draft_step'"),
         ({"draft_steps": 0}, "speculative: draft_steps must be"),
@@ -185,10 +197,12 @@ def test_a_drafter_recommends_its_speculative_settings(tiny_path, tmp_path):
 
 
 def test_the_shipped_drafter_runs_with_its_draft_cap():
-    """The shipped drafter stops drafting at 8 passes unless told otherwise: on its
-    own stop rule it drafts ~21 (issue 20's record)."""
+    """The shipped drafter stops drafting at 8 passes unless told otherwise (on its
+    own stop rule it drafts ~21, issue 20's record), under the leave-one-out verify
+    at the sureness that kept the parse rate (bench/results/*-others-sure-0.98)."""
     spec = DrafterSpec.from_file(default_model_path() / "drafter" / CONFIG)
-    assert spec.speculative == {"draft_steps": 8}
+    want = {"draft_steps": 8, "verify": "others", "verify_sure": 0.98}
+    assert spec.speculative == want
 
 
 @needs_torch

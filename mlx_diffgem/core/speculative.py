@@ -234,6 +234,18 @@ class SpecPolicy:
         except ValueError as e:
             raise error(f"{where}: {e}") from None
 
+    @staticmethod
+    def over(recommended: dict, given: dict) -> dict:
+        """The fields `given` (api.load's `speculative=`, CLI flags) over a trained
+        drafter's `recommended` ones. A drafter's verify settings were tuned for its
+        verify: where `given` picks another verify they are dropped, so that
+        verify="plain" is not refused for a verify_sure it did not ask for."""
+        verify = given.get("verify")
+        if verify is not None and verify != recommended.get("verify", "hidden"):
+            keep = set(recommended) - set(VERIFY_OPTIONS)
+            recommended = {k: recommended[k] for k in keep}
+        return {**recommended, **given}
+
     def drafter_policy(self, policy: DenoisePolicy, budget: int) -> DenoisePolicy:
         conf = self.draft_confidence or policy.confidence_threshold
         bound = self.draft_entropy_bound or policy.entropy_bound

@@ -240,8 +240,8 @@ class SpecPolicy:
         drafter's `recommended` ones. A drafter's verify settings were tuned for its
         verify: where `given` picks another verify they are dropped, so that
         verify="plain" is not refused for a verify_sure it did not ask for."""
-        verify = given.get("verify")
-        if verify is not None and verify != recommended.get("verify", "hidden"):
+        theirs = recommended.get("verify", SpecPolicy.verify)
+        if given.get("verify", theirs) != theirs:
             keep = set(recommended) - set(VERIFY_OPTIONS)
             recommended = {k: recommended[k] for k in keep}
         return {**recommended, **given}

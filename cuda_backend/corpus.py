@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cuda_backend.wheels import SOURCES  # .py and .pyi, as a wheel's files are read
+from cuda_backend import wheels  # stdlib only: wheel reading and the reserved list
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 # Reserved for the vision ids that config.json must name: never produced from text.
@@ -92,16 +92,16 @@ def package_root(name: str) -> Path:
 
 
 def extra_texts(
-    names: Iterable[str], held_texts: list[str], suffixes: tuple[str, ...] = SOURCES
+    names: Iterable[str],
+    held_texts: list[str],
+    suffixes: tuple[str, ...] = wheels.SOURCES,
 ) -> dict[str, list[str]]:
     """{package: texts} of the `.py`/`.pyi` files of each package (test folders and
     copies of held-out stdlib files left out); `suffixes` (".py",) drops the stubs."""
-    from cuda_backend.wheels import is_reserved
-
     held = {hashlib.sha256(t.encode()).digest() for t in held_texts}
     out = {}
     for name in names:
-        if is_reserved(name):
+        if wheels.is_reserved(name):
             raise ValueError(f"--extra {name}: reserved for evaluation (issue 23)")
         root = package_root(name)
         texts = read_texts(root, source_files(root, suffixes))
@@ -202,7 +202,7 @@ class Sources:
 
     @property
     def suffixes(self) -> tuple[str, ...]:
-        return SOURCES if self.stubs else (".py",)
+        return wheels.SOURCES if self.stubs else (".py",)
 
 
 def build(
@@ -281,8 +281,6 @@ def _index_sources(folder, earlier: list[str], suffixes) -> dict:
     (held-out and installed-package ones) dropped, at most 1.5 MB per package."""
     if folder is None:
         return {}
-    from cuda_backend import wheels
-
     seen = {hashlib.sha256(t.encode()).digest() for t in earlier}
     return wheels.wheel_sources(folder, seen, 1_500_000, suffixes)
 

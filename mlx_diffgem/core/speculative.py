@@ -242,8 +242,9 @@ class SpecPolicy:
         verify="plain" is not refused for a verify_sure it did not ask for."""
         theirs = recommended.get("verify", SpecPolicy.verify)
         if given.get("verify", theirs) != theirs:
-            keep = set(recommended) - set(VERIFY_OPTIONS)
-            recommended = {k: recommended[k] for k in keep}
+            recommended = {
+                k: v for k, v in recommended.items() if k not in VERIFY_OPTIONS
+            }
         return {**recommended, **given}
 
     def drafter_policy(self, policy: DenoisePolicy, budget: int) -> DenoisePolicy:

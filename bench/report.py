@@ -107,9 +107,7 @@ def drafter_label(rec: dict) -> str:
     verify = policy.get("verify", "plain")
     base = dataclasses.asdict(SpecPolicy(verify=verify))
     base["verify"] = SpecPolicy().verify
-    unread = {
-        k for k, (verifies, _) in VERIFY_OPTIONS.items() if verify not in verifies
-    }
+    unread = {k for k, verifies in VERIFY_OPTIONS.items() if verify not in verifies}
     changed = [
         f"{k}={v}"
         for k, v in policy.items()

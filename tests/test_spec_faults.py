@@ -35,6 +35,7 @@ class Call:
     fixed: np.ndarray | None
     policy: DenoisePolicy
     result: object
+    step: int = 0
 
 
 def _np(x):
@@ -53,7 +54,14 @@ class Recorder:
     def denoise(self, state, cache, policy, noise, on_step=None):
         res = self.model.denoise(state, cache, policy, noise, on_step)
         self.calls.append(
-            Call(_np(state.canvas), _np(state.argmax), state.fixed, policy, res)
+            Call(
+                _np(state.canvas),
+                _np(state.argmax),
+                state.fixed,
+                policy,
+                res,
+                state.step,
+            )
         )
         return res
 
@@ -166,6 +174,32 @@ def test_stream_steps_count_on_within_a_canvas(tiny_path):
     ]
     assert [s for s, _ in steps] == list(range(1, len(steps) + 1))
     assert {src for _, src in steps} == {"drafter", "target"}
+
+
+@needs_torch
+@pytest.mark.parametrize("verify", ["hidden", "others"])
+def test_the_native_finish_goes_on_with_the_schedule(tiny_path, verify):
+    """After hidden verifies, the model's native finish starts where this canvas's
+    passes left off (its temperature keeps falling), not at the schedule's top; and
+    a stream numbers its passes on, a verify's pass included."""
+    spec = SpecPolicy(draft_steps=3, max_rounds=2, verify=verify, min_commit=0)
+    res, t, d = _run(tiny_path, spec=spec)
+    assert res.verify_rounds == 2 and len(t) == 1  # verifies are decode calls
+    assert t[0].step == res.drafter_steps + res.verify_rounds
+    assert [c.step for c in d] == [0, 3]  # the refine goes on from the draft
+    model, _ = _load(tiny_path, "torch", CHEAP, **dataclasses.asdict(spec))
+    steps = [
+        r.step
+        for r in dg.stream_generate(
+            model, None, PROMPT, draft=True, max_tokens=8, max_denoising_steps=8
+        )
+        if r.is_draft
+    ]
+    draft_passes = spec.draft_steps + spec.refine_steps
+    first_verify, finish = draft_passes + 1, draft_passes + 3
+    assert steps[:draft_passes] == list(range(1, draft_passes + 1))
+    assert steps[draft_passes] == finish and first_verify not in steps
+    assert steps == sorted(set(steps))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

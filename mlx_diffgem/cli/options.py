@@ -207,8 +207,8 @@ def add_verify(g) -> None:
         default=None,
         metavar="P",
         help="with --verify hidden or others: commit a token only where the model "
-        "gives it at least P, 0..1 (default 0.9); lower keeps more and writes worse "
-        "text",
+        "gives it at least P, 0..1 (default 0.9 with hidden, 0.98 with others); "
+        "lower keeps more and writes worse text",
     )
     g.add_argument(
         "--min-commit",

@@ -1,0 +1,114 @@
+"""The probes behind `spec-torch-*-jacobi-*.json` and `*-finish-sc-*.json`
+(exploratory, patches of the speculative loop, not features).
+
+JAC=model: after a leave-one-out verify, the positions it left open take the model's
+own argmax there (given the rest of the draft, from the verify's logits) as the next
+draft, instead of the drafter redrafting them from noise: a Jacobi iteration of the
+verify. JAC=drafter runs the shipped loop; JAC_LOG appends "round open committed"
+per verify.
+JAC=sc-draft, JAC=sc-verify: the shipped loop, but the model's native finish starts
+with self-conditioning: the last draft's logits, or the verify's own logits at the
+finish's first temperature (torch only), instead of none. JAC=step: the finish's
+temperature schedule goes on from the drafter's passes instead of starting over;
+JAC=sc-draft-step both.
+Run from the repository root, e.g.
+
+    JAC=model JAC_LOG=rounds.txt PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python \\
+        bench/results/exploratory/jacobi_probe.py spec --backend torch \\
+        --drafter default --prompts 20 --repeats 1 --threads 1 \\
+        --spec-min-commit 0 --spec-max-rounds 6 --out runs/jac
+"""
+
+import dataclasses
+import os
+import sys
+import types
+
+import numpy as np
+
+from mlx_diffgem.core import speculative as S
+from mlx_diffgem.core import verify
+
+MODE = os.environ.get("JAC", "model")
+LAST = {}
+HIDDEN_VERIFY = S._Canvas._hidden_verify
+
+
+def judge_each(logits, draft, rank, threshold=None, sure=0.0):
+    LAST["logits"] = logits
+    LAST["own"] = logits.argmax(axis=-1)  # the model's token, given the rest
+    return verify.judge_each(logits, draft, rank, threshold, sure)
+
+
+def hidden_verify(self, state, draft, pins):
+    LAST["draft_sc"] = draft.state.self_conditioning
+    return HIDDEN_VERIFY(self, state, draft, pins)
+
+
+def finish(self, state, pins):
+    """_Canvas._finish with the self-conditioning JAC names."""
+    sc = LAST["draft_sc"]
+    if MODE == "sc-verify":
+        import torch
+
+        T = self.policy.temperature(self.policy.max_steps)
+        sc = torch.as_tensor(LAST["logits"] / np.float32(T)).to(sc.dtype)
+    if MODE.endswith("-step") or MODE == "step":  # the schedule goes on
+        state = dataclasses.replace(state, step=state.step + self.drafter_steps)
+        sc = None if MODE == "step" else sc
+    start = dataclasses.replace(self._redraft(state, pins), self_conditioning=sc)
+    budget = max(self.policy.max_steps - self.target_steps, 1)
+    policy = dataclasses.replace(self.policy, budget=budget)
+    res = yield from S._run(
+        self.target, start, self.cache, policy, self.noise, self.views
+    )
+    self.target_steps += res.steps
+    self.stats.append(res.step_stats)
+    return res
+
+
+def _log(rounds, open_before, pins):
+    with open(os.environ.get("JAC_LOG", os.devnull), "a") as f:
+        f.write(f"{rounds} {open_before} {open_before - int((pins < 0).sum())}\n")
+
+
+def run_hidden(self, state):
+    """_Canvas.run_hidden with the model's own tokens as the redraft."""
+    draft = yield from self._draft(state, self.spec.draft_steps)
+    self.first_draft_steps = self.drafter_steps
+    first = draft.tokens
+    live = ~S._finished(state, first.shape[0])
+    pins = np.where(live[:, None], S._pins(state, first.shape), first)
+    rounds = min(self.spec.max_rounds, self.policy.max_steps - 1)
+    while (pins < 0).any() and self.rounds < rounds:
+        open_before = int((pins < 0).sum())
+        pins = np.where(pins >= 0, pins, self._hidden_verify(state, draft, pins))
+        _log(self.rounds, open_before, pins)
+        if open_before - (pins < 0).sum() < self.spec.min_commit * open_before:
+            break
+        if (pins < 0).any() and self.rounds < rounds:
+            if MODE == "model":
+                tokens = np.where(pins >= 0, pins, LAST["own"]).astype(np.int32)
+                draft = types.SimpleNamespace(tokens=tokens, state=draft.state)
+            else:
+                again = self._redraft(draft.state, pins)
+                draft = yield from self._draft(again, self.spec.refine_steps)
+    passes = self.rounds * live.astype(np.int64)
+    if (pins < 0).any():
+        res = yield from self._finish(state, pins)
+        passes += res.passes
+    else:
+        res = S._verified(pins, state)
+    return self._result(state, first, res, res.state, passes)
+
+
+if __name__ == "__main__":
+    S.judge_each = judge_each
+    S._Canvas._hidden_verify = hidden_verify
+    if MODE.startswith("sc-") or MODE == "step":
+        S._Canvas._finish = finish
+    else:
+        S._Canvas.run_hidden = run_hidden
+    from bench.run import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -178,14 +178,15 @@ def test_stream_steps_count_on_within_a_canvas(tiny_path):
 
 @needs_torch
 @pytest.mark.parametrize("verify", ["hidden", "others"])
-def test_the_native_finish_goes_on_with_the_schedule(tiny_path, verify):
-    """After hidden verifies, the model's native finish starts where this canvas's
-    passes left off (its temperature keeps falling), not at the schedule's top; and
-    a stream numbers its passes on, a verify's pass included."""
+def test_the_native_finish_starts_its_schedule_over(tiny_path, verify):
+    """After hidden verifies, the model's native finish runs the temperature
+    schedule from its top, as on a fresh canvas (going on from the passes already
+    run cost parse rate at 600 prompts); a stream still numbers its passes on, a
+    verify's pass included, never restarting within the canvas."""
     spec = SpecPolicy(draft_steps=3, max_rounds=2, verify=verify, min_commit=0)
     res, t, d = _run(tiny_path, spec=spec)
     assert res.verify_rounds == 2 and len(t) == 1  # verifies are decode calls
-    assert t[0].step == res.drafter_steps + res.verify_rounds
+    assert t[0].step == 0
     assert [c.step for c in d] == [0, 3]  # the refine goes on from the draft
     model, _ = _load(tiny_path, "torch", CHEAP, **dataclasses.asdict(spec))
     steps = [

@@ -1,5 +1,6 @@
 """The probes behind `spec-torch-*-jacobi-*.json` and `*-finish-sc-*.json`
-(exploratory, patches of the speculative loop, not features).
+(exploratory, patches of the speculative loop as it was at c154a17, the records'
+commit; not features).
 
 JAC=model: after a leave-one-out verify, the positions it left open take the model's
 own argmax there (given the rest of the draft, from the verify's logits) as the next
@@ -14,7 +15,7 @@ JAC=sc-draft-step both.
 Run from the repository root, e.g.
 
     JAC=model JAC_LOG=rounds.txt PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python \\
-        bench/results/exploratory/jacobi_probe.py spec --backend torch \\
+        bench/results/exploratory/loop_probes.py spec --backend torch \\
         --drafter default --prompts 20 --repeats 1 --threads 1 \\
         --spec-min-commit 0 --spec-max-rounds 6 --out runs/jac
 """
@@ -32,17 +33,13 @@ from mlx_diffgem.core import verify
 MODE = os.environ.get("JAC", "model")
 LAST = {}
 HIDDEN_VERIFY = S._Canvas._hidden_verify
+DRAFT = S._Canvas._draft
 
 
 def judge_each(logits, draft, rank, threshold=None, sure=0.0):
     LAST["logits"] = logits
     LAST["own"] = logits.argmax(axis=-1)  # the model's token, given the rest
     return verify.judge_each(logits, draft, rank, threshold, sure)
-
-
-def hidden_verify(self, state, draft, pins):
-    LAST["draft_sc"] = draft.state.self_conditioning
-    return HIDDEN_VERIFY(self, state, draft, pins)
 
 
 def finish(self, state, pins):
@@ -67,39 +64,23 @@ def finish(self, state, pins):
     return res
 
 
-def _log(rounds, open_before, pins):
+def hidden_verify(self, state, draft, pins):
+    LAST["draft_sc"] = draft.state.self_conditioning
+    ids = HIDDEN_VERIFY(self, state, draft, pins)
+    LAST["verified"] = self  # this canvas's next draft is a redraft
     with open(os.environ.get("JAC_LOG", os.devnull), "a") as f:
-        f.write(f"{rounds} {open_before} {open_before - int((pins < 0).sum())}\n")
+        committed = int(((ids >= 0) & (pins < 0)).sum())
+        f.write(f"{self.rounds} {int((pins < 0).sum())} {committed}\n")
+    return ids
 
 
-def run_hidden(self, state):
-    """_Canvas.run_hidden with the model's own tokens as the redraft."""
-    draft = yield from self._draft(state, self.spec.draft_steps)
-    self.first_draft_steps = self.drafter_steps
-    first = draft.tokens
-    live = ~S._finished(state, first.shape[0])
-    pins = np.where(live[:, None], S._pins(state, first.shape), first)
-    rounds = min(self.spec.max_rounds, self.policy.max_steps - 1)
-    while (pins < 0).any() and self.rounds < rounds:
-        open_before = int((pins < 0).sum())
-        pins = np.where(pins >= 0, pins, self._hidden_verify(state, draft, pins))
-        _log(self.rounds, open_before, pins)
-        if open_before - (pins < 0).sum() < self.spec.min_commit * open_before:
-            break
-        if (pins < 0).any() and self.rounds < rounds:
-            if MODE == "model":
-                tokens = np.where(pins >= 0, pins, LAST["own"]).astype(np.int32)
-                draft = types.SimpleNamespace(tokens=tokens, state=draft.state)
-            else:
-                again = self._redraft(draft.state, pins)
-                draft = yield from self._draft(again, self.spec.refine_steps)
-    passes = self.rounds * live.astype(np.int64)
-    if (pins < 0).any():
-        res = yield from self._finish(state, pins)
-        passes += res.passes
-    else:
-        res = S._verified(pins, state)
-    return self._result(state, first, res, res.state, passes)
+def draft(self, state, budget):
+    """_Canvas._draft; with JAC=model, after a verify, the model's own tokens."""
+    if MODE == "model" and LAST.pop("verified", None) is self:
+        tokens = np.where(state.fixed >= 0, state.fixed, LAST["own"]).astype(np.int32)
+        return types.SimpleNamespace(tokens=tokens, state=LAST["draft"].state)
+    LAST["draft"] = yield from DRAFT(self, state, budget)
+    return LAST["draft"]
 
 
 if __name__ == "__main__":
@@ -108,7 +89,7 @@ if __name__ == "__main__":
     if MODE.startswith("sc-") or MODE == "step":
         S._Canvas._finish = finish
     else:
-        S._Canvas.run_hidden = run_hidden
+        S._Canvas._draft = draft
     from bench.run import main
 
     sys.exit(main(sys.argv[1:]))

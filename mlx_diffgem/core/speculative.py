@@ -308,10 +308,13 @@ class _Canvas:
                 cur = dataclasses.replace(ref.state, done=done)
         return self._result(state, draft.tokens, res, cur, passes)
 
-    def _draft(self, state: CanvasState, budget: int):
+    def _draft(self, state: CanvasState, budget: int, shown: int = 0):
+        """The drafter's passes; its live views numbered `shown` passes on (the
+        hidden verifies, which its own schedule does not count)."""
         policy = self.spec.drafter_policy(self.policy, budget)
-        res = yield from _run(
-            self.drafter, state, self.cache, policy, self.noise, self.views
+        res = yield from _numbered_on(
+            _run(self.drafter, state, self.cache, policy, self.noise, self.views),
+            shown,
         )
         self.drafter_steps += res.steps
         return res
@@ -347,7 +350,9 @@ class _Canvas:
                 break  # too little accepted: the model finishes natively
             if (pins < 0).any() and self.rounds < rounds:
                 again = self._redraft(draft.state, pins)
-                draft = yield from self._draft(again, self.spec.refine_steps)
+                draft = yield from self._draft(
+                    again, self.spec.refine_steps, self.rounds
+                )
         passes = self.rounds * live.astype(np.int64)
         if (pins < 0).any():
             res = yield from self._finish(state, pins)

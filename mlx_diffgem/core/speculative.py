@@ -260,10 +260,12 @@ class SpecPolicy:
         )
 
 
-def _run(model: Target, state, cache, policy, noise, views: bool):
-    """A model's `denoise` call; as a generator of StepViews when `views`."""
+def _run(model: Target, state, cache, policy, noise, views: bool, shown: int = 0):
+    """A model's `denoise` call; as a generator of StepViews when `views`, numbered
+    `shown` passes on (passes of this canvas that `state.step` does not count)."""
     if views:
-        return (yield from model.denoise_steps(state, cache, policy, noise))
+        steps = model.denoise_steps(state, cache, policy, noise)
+        return (yield from _numbered_on(steps, shown))
     return model.denoise(state, cache, policy, noise)
 
 
@@ -312,9 +314,8 @@ class _Canvas:
         """The drafter's passes; its live views numbered `shown` passes on (the
         hidden verifies, which its own schedule does not count)."""
         policy = self.spec.drafter_policy(self.policy, budget)
-        res = yield from _numbered_on(
-            _run(self.drafter, state, self.cache, policy, self.noise, self.views),
-            shown,
+        res = yield from _run(
+            self.drafter, state, self.cache, policy, self.noise, self.views, shown
         )
         self.drafter_steps += res.steps
         return res
@@ -439,9 +440,8 @@ class _Canvas:
         budget = max(self.policy.max_steps - self.target_steps, 1)
         policy = dataclasses.replace(self.policy, budget=budget)
         shown = self.drafter_steps + self.target_steps
-        res = yield from _numbered_on(
-            _run(self.target, start, self.cache, policy, self.noise, self.views),
-            shown,
+        res = yield from _run(
+            self.target, start, self.cache, policy, self.noise, self.views, shown
         )
         self.target_steps += res.steps
         self.stats.append(res.step_stats)
